@@ -1,0 +1,120 @@
+"""The Mixpert checkpoint directory: mixpert.json + trunk / router / expert_<name> safetensors.
+
+What mixpert_train writes and mixpert_export reads. Written to a temporary sibling, then renamed, so a
+crash never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import MixpertError
+from .model import MixpertConfig, MixpertVision, build_model
+
+FORMAT = "mixpert-checkpoint"
+FORMAT_VERSION = 1
+META = "mixpert.json"
+
+
+def part_files(cfg: MixpertConfig) -> dict[str, str]:
+    """part name -> file name: 'trunk', 'router', then 'expert_<name>' for every expert."""
+    files = {"trunk": "trunk.safetensors", "router": "router.safetensors"}
+    files |= {f"expert_{e}": f"expert_{e}.safetensors" for e in cfg.experts}
+    return files
+
+
+def _module(model: MixpertVision, part: str) -> torch.nn.Module:
+    if part.startswith("expert_"):
+        return model.experts[part[len("expert_"):]]
+    return getattr(model, part)
+
+
+def tool_versions() -> dict:
+    import transformers
+
+    return {"mixpert": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def atomic_dir(final: Path):
+    """A fresh temporary directory beside `final` (same filesystem, so the rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_dir(tmp: Path, final: Path):
+    """Replace `final` by `tmp` as atomically as a directory allows: old -> backup, tmp -> final, drop backup."""
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    os.replace(tmp, final)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_checkpoint(model: MixpertVision, out: str | Path, extra: dict | None = None) -> Path:
+    out = Path(out)
+    cfg = model.cfg
+    tmp = atomic_dir(out)
+    try:
+        files = part_files(cfg)
+        for part, fname in files.items():
+            sd = {k: v.detach().contiguous().cpu() for k, v in _module(model, part).state_dict().items()}
+            save_file(sd, str(tmp / fname), metadata={"format": "pt", "part": part})
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict(), "parts": files,
+                "versions": tool_versions(), **({"extra": extra} if extra else {})}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise MixpertError(f"{meta_path}: missing; --checkpoint must be a directory written by mixpert_train")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MixpertError(f"{meta_path}: not valid JSON ({e}); re-run the training stage that wrote it") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise MixpertError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is not "
+                           f"{FORMAT!r} version {FORMAT_VERSION}; re-save it with this mixpert_train ({__version__})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> MixpertVision:
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    try:
+        cfg = MixpertConfig.from_dict(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MixpertError(f"{path / META}: incomplete model description ({e}); re-save the checkpoint") from None
+    model = build_model(cfg, device=device)
+    for part, fname in part_files(cfg).items():
+        f = path / fname
+        if not f.is_file():
+            raise MixpertError(f"{f}: missing part {part!r}; the checkpoint is incomplete, re-run the stage that wrote it")
+        try:
+            sd = load_file(str(f), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MixpertError(f"{f}: corrupt safetensors ({e}); re-run the stage that wrote it") from None
+        try:
+            _module(model, part).load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise MixpertError(f"{f}: does not fit {part} of {cfg.backbone.name} k={cfg.expert_layers} "
+                               f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    return model.eval()

@@ -1,0 +1,303 @@
+"""THE Mixpert split: trunk (embeddings + first L-k layers), router, experts (last k layers + projector), route().
+
+Training, export, runtime and benchmarks import this file; nothing else defines which layer goes where,
+the domain list, or the routing rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .backbones import Backbone, adapter_for
+from .errors import MixpertError
+
+DOMAINS: tuple[str, ...] = ("chart", "doc", "math", "ocr", "general")
+VERSATILE = "versatile"  # the original joint-SFT weights; the fallback expert
+STRATEGIES = ("direct", "score-threshold", "score-difference")
+DEFAULT_STRATEGY = "score-difference"  # the paper's default
+DEFAULT_TAU = 0.6  # score-difference: top1 - top2 < tau -> versatile (paper)
+DEFAULT_LAM = 0.5  # score-threshold: top1 < lam -> versatile (our default; the paper sweeps it)
+
+
+@dataclass(frozen=True)
+class MixpertConfig:
+    """A backbone plus how it is split and routed. Written verbatim into checkpoints and manifests."""
+
+    backbone: Backbone
+    expert_layers: int  # k, 0 (projector only) .. L (whole tower but the patch embedding)
+    domains: tuple[str, ...] = DOMAINS
+    strategy: str = DEFAULT_STRATEGY
+    tau: float = DEFAULT_TAU
+    lam: float = DEFAULT_LAM
+
+    def __post_init__(self):
+        L = self.backbone.layers_in_use
+        if not 0 <= self.expert_layers <= L:
+            raise MixpertError(f"expert layers k={self.expert_layers} must be within 0..{L} for {self.backbone.name}")
+        if self.strategy not in STRATEGIES:
+            raise MixpertError(f"unknown routing strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if VERSATILE in self.domains or len(set(self.domains)) != len(self.domains):
+            raise MixpertError(f"domains {self.domains} must be distinct and must not include {VERSATILE!r}")
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, **overrides) -> "MixpertConfig":
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        overrides.setdefault("expert_layers", backbone.expert_layers)
+        return cls(backbone=backbone, **overrides)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(self.domains) + (VERSATILE,)
+
+    @property
+    def trunk_layers(self) -> range:
+        """Global indices of the tower layers the trunk runs."""
+        return range(0, self.backbone.layers_in_use - self.expert_layers)
+
+    @property
+    def expert_layer_range(self) -> range:
+        """Global indices of the tower layers each expert owns a copy of."""
+        L = self.backbone.layers_in_use
+        return range(L - self.expert_layers, L)
+
+    def replace(self, **changes) -> "MixpertConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "backbone": self.backbone.to_dict(), "expert_layers": self.expert_layers, "domains": list(self.domains),
+            "routing": {"strategy": self.strategy, "tau": self.tau, "lam": self.lam},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixpertConfig":
+        r = d.get("routing", {})
+        return cls(
+            backbone=Backbone.from_dict(d["backbone"]), expert_layers=int(d["expert_layers"]),
+            domains=tuple(d.get("domains", DOMAINS)), strategy=r.get("strategy", DEFAULT_STRATEGY),
+            tau=float(r.get("tau", DEFAULT_TAU)), lam=float(r.get("lam", DEFAULT_LAM)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The three parts.
+# ---------------------------------------------------------------------------------------------
+
+class Projector(nn.Module):
+    """LLaVA's 2-layer projector; tensor names as transformers' LlavaOnevisionMultiModalProjector."""
+
+    def __init__(self, bb: Backbone):
+        super().__init__()
+        self.linear_1 = nn.Linear(bb.hidden_size, bb.llm_hidden_size, bias=bb.projector_bias)
+        self.act = ACT2FN[bb.projector_act]
+        self.linear_2 = nn.Linear(bb.llm_hidden_size, bb.llm_hidden_size, bias=bb.projector_bias)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Trunk(nn.Module):
+    """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers."""
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        ad = adapter_for(cfg.backbone)
+        self.embeddings = ad.embeddings(cfg.backbone)
+        self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.trunk_layers)
+
+    def forward(self, pixel_values):
+        h = self.embeddings(pixel_values)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class Expert(nn.Module):
+    """hidden [N_crops, T, D] -> tokens [N_crops, T', D_llm]: the last k layers + feature selection + projector."""
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        ad = adapter_for(cfg.backbone)
+        self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.expert_layer_range)
+        self.projector = Projector(cfg.backbone)
+        self.drop_first = cfg.backbone.select_strategy == "default"
+
+    def forward(self, hidden):
+        for layer in self.layers:
+            hidden = layer(hidden)
+        if self.drop_first:
+            hidden = hidden[:, 1:]
+        return self.projector(hidden)
+
+
+class Router(nn.Module):
+    """(hidden [N_crops, T, D], pool [B, N_crops]) -> softmax scores [B, n_domains].
+
+    `pool` averages crops into images (row b holds 1/n_b on the crops of image b; see pool_matrix), so
+    the global average pool over all tokens of all crops of one image is one matmul and exports as such.
+    The router computes in fp32 whatever the trunk's precision: it is tiny and decides the routing.
+    """
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        d = cfg.backbone.hidden_size
+        self.fc1 = nn.Linear(d, d)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d, len(cfg.domains))
+
+    def logits(self, hidden, pool):
+        pooled = pool.float() @ hidden.float().mean(dim=1)
+        return self.fc2(self.act(self.fc1(pooled)))
+
+    def forward(self, hidden, pool):
+        return torch.softmax(self.logits(hidden, pool), dim=-1)
+
+
+class SingleEncoder(nn.Module):
+    """The unsplit baseline: the vision tower + projector as one model (trunk then one expert)."""
+
+    def __init__(self, trunk: Trunk, expert: Expert):
+        super().__init__()
+        self.trunk, self.expert = trunk, expert
+
+    def forward(self, pixel_values):
+        return self.expert(self.trunk(pixel_values))
+
+
+class MixpertVision(nn.Module):
+    """Trunk + router + one expert per name in cfg.experts (the domains, then versatile)."""
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Trunk(cfg)
+        self.router = Router(cfg)
+        self.experts = nn.ModuleDict({name: Expert(cfg) for name in cfg.experts})
+
+    def single_encoder(self) -> SingleEncoder:
+        return SingleEncoder(self.trunk, self.experts[VERSATILE])
+
+    def reset_experts_to_versatile(self):
+        """Every domain expert starts as a copy of the versatile (joint) weights, as in the paper."""
+        src = self.experts[VERSATILE].state_dict()
+        for name in self.cfg.domains:
+            self.experts[name].load_state_dict(src)
+
+
+def build_model(cfg: MixpertConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> MixpertVision:
+    """Build the split. On 'meta' nothing is allocated (shapes, params, FLOPs); elsewhere weights are
+    random (fast, deterministic for a seed) until a checkpoint or snapshot is loaded over them."""
+    with torch.device("meta"):
+        model = MixpertVision(cfg)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    init_weights(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, seed: int | None = 0):
+    """Truncated-normal-free, cheap init: N(0, 0.02) weights, zero biases, unit norms. Seconds at 400M."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if seed is None else seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name and leaf == "weight":
+            p.fill_(1.0)
+        elif leaf == "bias":
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    for name, b in module.named_buffers():
+        if name.endswith("position_ids"):
+            b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling and routing: host-side, numpy, shared by training, eval and every runtime.
+# ---------------------------------------------------------------------------------------------
+
+def pool_matrix(crops_per_image: Sequence[int], per_crop: bool = False, dtype=np.float32) -> np.ndarray:
+    """[B, N_crops] averaging matrix for Router: image b averages its own crops. per_crop=True: identity
+    (each crop is routed on its own, the paper's sub-image routing)."""
+    counts = [int(c) for c in crops_per_image]
+    if any(c < 1 for c in counts):
+        raise MixpertError(f"every image needs at least one crop, got crops_per_image={counts}")
+    n = sum(counts)
+    if per_crop:
+        return np.eye(n, dtype=dtype)
+    pool = np.zeros((len(counts), n), dtype=dtype)
+    start = 0
+    for b, c in enumerate(counts):
+        pool[b, start:start + c] = 1.0 / c
+        start += c
+    return pool
+
+
+def route(scores, domains: Sequence[str] = DOMAINS, strategy: str = DEFAULT_STRATEGY,
+          tau: float = DEFAULT_TAU, lam: float = DEFAULT_LAM) -> list[str]:
+    """One expert name per row of `scores` [B, n_domains] (softmax probabilities).
+
+    direct: argmax; score-threshold: top1 < lam -> versatile; score-difference: top1 - top2 < tau -> versatile.
+    Rows that are not finite go to versatile (the expert that was trained on everything).
+    """
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != len(domains):
+        raise MixpertError(f"router scores have shape {s.shape}; expected [B, {len(domains)}]")
+    if strategy not in STRATEGIES:
+        raise MixpertError(f"unknown routing strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    out = []
+    for row in s:
+        if not np.all(np.isfinite(row)):
+            out.append(VERSATILE)
+            continue
+        order = np.argsort(-row, kind="stable")
+        top1 = row[order[0]]
+        top2 = row[order[1]] if len(row) > 1 else -math.inf
+        if strategy == "score-threshold" and top1 < lam:
+            out.append(VERSATILE)
+        elif strategy == "score-difference" and top1 - top2 < tau:
+            out.append(VERSATILE)
+        else:
+            out.append(domains[int(order[0])])
+    return out
+
+
+def margins(scores) -> np.ndarray:
+    """top1 - top2 per row: how sure the router is (what score-difference thresholds)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64), axis=1)
+    return s[:, -1] - s[:, -2] if s.shape[1] > 1 else s[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting: total and activated parameters of the baseline and of Mixpert (the paper's Table 6).
+# ---------------------------------------------------------------------------------------------
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def parameter_report(cfg: MixpertConfig) -> dict:
+    """Counts on the meta device: no weights are allocated, seconds even at 7B scale."""
+    model = build_model(cfg, device="meta")
+    trunk, router = _count(model.trunk), _count(model.router)
+    expert = _count(model.experts[VERSATILE])
+    n_dom = len(cfg.domains)
+    baseline = trunk + expert
+    return {
+        "backbone": cfg.backbone.name, "expert_layers": cfg.expert_layers,
+        "trunk": trunk, "router": router, "expert": expert,
+        "baseline_total": baseline, "baseline_activated": baseline,
+        "mixpert_total": baseline + n_dom * expert + router,
+        "mixpert_activated": baseline + router,
+        "added_total": n_dom * expert + router, "added_experts": n_dom * expert, "added_activated": router,
+    }

@@ -1,0 +1,41 @@
+"""Registry entries against the configs they stand for."""
+
+import pytest
+
+from mixpert_train.backbones import REGISTRY, backbone_from_llava_config, get_backbone
+from mixpert_train.errors import MixpertError
+
+# llava-hf/llava-onevision-qwen2-7b-ov-hf config.json (the fields that matter), as published
+LLAVA_OV_7B = {
+    "model_type": "llava_onevision", "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+    "projector_hidden_act": "gelu", "vision_aspect_ratio": "anyres_max_9",
+    "text_config": {"model_type": "qwen2", "hidden_size": 3584},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 384,
+                      "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 26,
+                      "patch_size": 14, "vision_use_head": False},
+    "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+}
+
+
+def test_llava_ov_7b_entry_is_what_its_config_says():
+    bb = get_backbone("llava-ov-7b")
+    from_cfg = backbone_from_llava_config(LLAVA_OV_7B, name="llava-ov-7b", base=bb)
+    assert from_cfg.to_dict() == bb.to_dict()
+    assert (bb.layers_in_use, bb.tokens_per_crop, bb.hidden_size, bb.llm_hidden_size) == (26, 729, 1152, 3584)
+    assert bb.max_crops == 10 and bb.expert_layers == 2
+
+
+def test_entries_round_trip():
+    for bb in REGISTRY.values():
+        assert type(bb).from_dict(bb.to_dict()) == bb
+
+
+def test_unknown_backbone_lists_the_choices():
+    with pytest.raises(MixpertError, match="llava-ov-7b, tiny"):
+        get_backbone("qwen2-vl-7b")
+
+
+def test_other_tower_family_is_a_clear_error():
+    cfg = dict(LLAVA_OV_7B, vision_config={"model_type": "intern_vit_6b"})
+    with pytest.raises(MixpertError, match="no adapter"):
+        backbone_from_llava_config(cfg, name="x")
