@@ -47,7 +47,9 @@ def tool_versions() -> dict:
 def atomic_dir(final: Path):
     """A fresh temporary directory beside `final` (same filesystem, so the rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    return tmp
 
 
 def commit_dir(tmp: Path, final: Path):

@@ -1,0 +1,207 @@
+"""`build`: a Mixpert model -> a bundle directory (ONNX parts, validation figures, TensorRT engines, manifest).
+
+Host export, device compile: `build_bundle` exports (and compiles where TensorRT is importable);
+`compile_bundle` compiles an exported bundle on the appliance. Both write into a temporary directory and
+rename at the end, so an interrupted build never leaves a bundle that loads.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mixpert_train.checkpoint import atomic_dir, commit_dir
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import MixpertVision
+
+from . import manifest as mf
+from . import tensorrt_build as trtb
+from .onnx_export import OPSET, PartSpec, export_part, lowered, onnx_io, part_specs
+from .validate import check, sample_crops, validate_part
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _writable(out: Path):
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MixpertError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
+
+
+def _io_eq(a: dict, b: dict) -> bool:
+    """Same names, dtypes and shapes (dynamic axes, named or -1, compare equal)."""
+    def norm(ts):
+        return [(t["name"], [d if isinstance(d, int) and d > 0 else -1 for d in t["shape"]], t["dtype"]) for t in ts]
+
+    return all(norm(a[k]) == norm(b[k]) for k in ("inputs", "outputs"))
+
+
+def _spec_io(spec: PartSpec) -> dict:
+    return {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
+
+
+def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: int, with_baseline: bool = True,
+                 validate: bool = True, progress: bool = True) -> dict:
+    """Export and validate every part into `bundle`; returns the manifest's `parts` section."""
+    specs = part_specs(model.cfg, precision, with_baseline)
+    low = lowered(model, precision)
+    crops = sample_crops(model.cfg) if validate else None
+    parts = {}
+    bar = tqdm(specs, desc=f"export {precision}", unit="part", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        t0 = time.perf_counter()
+        files = export_part(low, spec, bundle, precision, max_crops)
+        seconds = time.perf_counter() - t0
+        io = onnx_io(files[0])
+        if not _io_eq(io, _spec_io(spec)):
+            raise MixpertError(f"{files[0]}: I/O {io} does not match the part spec; the export is wrong")
+        report = validate_part(model, spec, files[0], precision, crops) if validate else {"status": "skipped"}
+        check(report, spec.name)
+        parts[spec.name] = {"onnx": {"file": spec.file, "sha256": {f.name: mf.sha256(f) for f in files},
+                                     "bytes": sum(f.stat().st_size for f in files), "io": io,
+                                     "export_seconds": round(seconds, 3)},
+                            "validation": report, "spec": _spec_io(spec)}
+    return parts
+
+
+def default_gpu_targets(trt: trtb.TensorRT) -> tuple:
+    """RTX: the build GPU where one is visible, else every RTX-class architecture; standard: the build GPU."""
+    if trt.flavour != "tensorrt_rtx":
+        return ()
+    return ("current",) if trtb.build_gpu() else ("sm80", "sm86", "sm89", "sm120")
+
+
+def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bool = True, prefer=None) -> dict:
+    """Build one engine per part in `bundle` (ONNX already there); fills the manifest's engine sections."""
+    trt = trtb.import_tensorrt(prefer)
+    targets = tuple(gpu_targets) if gpu_targets else default_gpu_targets(trt)
+    bad = [g for g in targets if g != "current" and g not in trtb.GPU_TARGETS]
+    if bad:
+        raise MixpertError(f"--gpu-targets {','.join(bad)}: unknown; choose from {','.join(trtb.GPU_TARGETS)} or current")
+    builder = trt.module.Builder(trtb._logger(trt))
+    cache_path = bundle / "timing.cache"
+    cache = trtb.new_timing_cache(trt, builder, cache_path)
+    cfg = mf.bundle_config(manifest)
+    max_crops = manifest["max_crops"]
+    opt = min(cfg.backbone.max_crops, max_crops)
+    bar = tqdm(list(manifest["parts"].items()), desc=f"engines ({trt.flavour})", unit="part", disable=not progress)
+    for name, part in bar:
+        bar.set_postfix_str(name)
+        onnx_path = bundle / part["onnx"]["file"]
+        engine_path = bundle / f"{name}.engine"
+        symbolic = {t["name"]: [d if isinstance(d, str) else None for d in t["shape"]] for t in part["spec"]["inputs"]}
+        info = trtb.build_engine(trt, onnx_path, engine_path, symbolic, 1, opt, max_crops,
+                                 gpu_targets=[g for g in targets if g != "current"], timing_cache=cache, builder=builder)
+        if not _io_eq(info["io"], part["spec"]):
+            raise MixpertError(f"{engine_path}: engine I/O {info['io']} differs from {onnx_path.name}'s; rebuild the bundle")
+        part["engine"] = {"file": engine_path.name, "sha256": {engine_path.name: mf.sha256(engine_path)}, **info}
+    if cache is not None:
+        cache_path.write_bytes(memoryview(cache.serialize()))
+    manifest["tensorrt"] = {"flavour": trt.flavour, "version": trt.version,
+                            "targets": trtb.engine_targets(trt, targets),
+                            "timing_cache": cache_path.name if cache is not None else None}
+    return manifest
+
+
+def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32", max_crops: int | None = None,
+                 runtime: str = "auto", gpu_targets=None, source: dict | None = None, with_baseline: bool = True,
+                 validate: bool = True, progress: bool = True) -> dict:
+    """Export (+ validate) every part, build TensorRT engines where asked or available, write the manifest,
+    and move the bundle into place. Returns the manifest."""
+    out = Path(out)
+    cfg = model.cfg
+    if precision == "int8":
+        from .int8 import build_int8_bundle
+
+        return build_int8_bundle(model, out, max_crops=max_crops, runtime=runtime, source=source, progress=progress)
+    if precision not in OPSET:
+        raise MixpertError(f"--precision {precision}: choose fp32, fp16, bf16 or int8")
+    if runtime not in ("auto", "onnxruntime", "tensorrt"):
+        raise MixpertError(f"--runtime {runtime}: choose auto, onnxruntime or tensorrt")
+    if runtime == "tensorrt":
+        trtb.import_tensorrt()  # fail before minutes of export
+    max_crops = int(max_crops or 4 * cfg.backbone.max_crops)
+    _writable(out)
+    tmp = atomic_dir(out)
+    t0 = time.perf_counter()
+    try:
+        manifest = {
+            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": cfg.to_dict(), "source": source or {"kind": "in-memory"},
+            "precision": precision, "opset": OPSET[precision], "max_crops": max_crops,
+            "versions": mf.tool_versions(), "tensorrt": None,
+        }
+        manifest["parts"] = export_parts(model, tmp, precision, max_crops, with_baseline, validate, progress)
+        if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
+            compile_engines(tmp, manifest, gpu_targets, progress)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest["peak_rss_mb"] = round(peak_rss_mb())
+        mf.write_manifest(tmp, manifest)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_targets=None, progress: bool = True,
+                   prefer=None) -> dict:
+    """Device compile: engines for an exported bundle (its ONNX verified against its manifest first)."""
+    src = Path(onnx_bundle)
+    out = Path(out) if out else src
+    manifest = mf.read_manifest(src)
+    mf.verify_files(src, manifest, "onnx")
+    trtb.import_tensorrt(prefer)
+    _writable(out)
+    tmp = atomic_dir(out)
+    try:
+        for part in manifest["parts"].values():
+            part.pop("engine", None)
+            for fname in part["onnx"]["sha256"]:
+                shutil.copy2(src / fname, tmp / fname)
+        if (src / "timing.cache").is_file():
+            shutil.copy2(src / "timing.cache", tmp / "timing.cache")
+        compile_engines(tmp, manifest, gpu_targets, progress, prefer)
+        manifest["peak_rss_mb"] = round(peak_rss_mb())
+        mf.write_manifest(tmp, manifest)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def summary_rows(manifest: dict) -> list[list[str]]:
+    rows = []
+    for name, p in manifest["parts"].items():
+        v = p.get("validation", {})
+        if v.get("status") in ("pass", "fail"):
+            o = next(iter(v["outputs"].values()))
+            val = f"{v['status']} max|d|={o['max_abs']:.2e} cos={o['cosine']:.6f}"
+        else:
+            val = v.get("status", "-")
+        e = p.get("engine")
+        rows.append([name, p["onnx"]["file"], f"{p['onnx']['bytes'] / 2**20:.1f} MiB", f"{p['onnx']['export_seconds']:.1f}s",
+                     val, f"{e['bytes'] / 2**20:.1f} MiB {e['build_seconds']:.1f}s" if e else "-"])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+

@@ -1,0 +1,125 @@
+"""manifest.json of a bundle: what was built, from what, with which tools, for which GPU; and the checks that
+refuse a bundle that does not fit this machine, each a one-line error naming the file and the rebuild command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import MixpertConfig
+
+FORMAT = "mixpert-bundle"
+FORMAT_VERSION = 1
+NAME = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"mixpert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def write_manifest(bundle: Path, manifest: dict) -> Path:
+    path = bundle / NAME
+    tmp = bundle / f".{NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def rebuild_command(manifest: dict, bundle: Path, engines: bool = False) -> str:
+    if engines:
+        return f"python -m mixpert_export build --from-onnx {bundle} --runtime tensorrt"
+    m = manifest.get("model", {})
+    name = m.get("backbone", {}).get("name", "NAME") if isinstance(m.get("backbone"), dict) else "NAME"
+    return f"python -m mixpert_export build --backbone {name} --out {bundle} (with the same --weights/--checkpoint)"
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    bundle = Path(bundle)
+    path = bundle / NAME
+    if not path.is_file():
+        raise MixpertError(f"{path}: missing; {bundle} is not a Mixpert bundle (build one with python -m mixpert_export build)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MixpertError(f"{path}: not valid JSON ({e}); rebuild the bundle") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise MixpertError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this "
+                           f"mixpert_export reads {FORMAT!r} version {FORMAT_VERSION}; rebuild: {rebuild_command(manifest, bundle)}")
+    return manifest
+
+
+def bundle_config(manifest: dict) -> MixpertConfig:
+    return MixpertConfig.from_dict(manifest["model"])
+
+
+def verify_files(bundle: Path, manifest: dict, kind: str = "onnx", parts=None) -> None:
+    """Every file of `kind` ('onnx' or 'engine') present and with the recorded sha256."""
+    bundle = Path(bundle)
+    for name, part in manifest["parts"].items():
+        if parts is not None and name not in parts:
+            continue
+        entry = part.get(kind)
+        if entry is None:
+            if kind == "engine":
+                raise MixpertError(f"{bundle / NAME}: part {name} has no TensorRT engine; "
+                                   f"build them: {rebuild_command(manifest, bundle, engines=True)}")
+            raise MixpertError(f"{bundle / NAME}: part {name} has no ONNX file; rebuild: {rebuild_command(manifest, bundle)}")
+        for fname, digest in entry["sha256"].items():
+            f = bundle / fname
+            if not f.is_file():
+                raise MixpertError(f"{f}: missing from the bundle; rebuild: {rebuild_command(manifest, bundle, kind == 'engine')}")
+            if sha256(f) != digest:
+                raise MixpertError(f"{f}: sha256 differs from {NAME} (modified or corrupt); "
+                                   f"rebuild: {rebuild_command(manifest, bundle, kind == 'engine')}")
+
+
+def check_engine_compat(manifest: dict, bundle: Path, flavour: str, version: str, gpu: dict | None) -> None:
+    """Refuse engines built by another TensorRT flavour or version, or for another GPU.
+    `gpu`: {'name', 'compute_capability': 'sm89'} of the GPU that would run them (None: no GPU)."""
+    trt = manifest.get("tensorrt")
+    engine = bundle / next(iter(manifest["parts"].values()))["engine"]["file"] if trt else bundle
+    fix = rebuild_command(manifest, bundle, engines=True)
+    if not trt:
+        raise MixpertError(f"{bundle / NAME}: no TensorRT engines in this bundle; build them: {fix}")
+    if gpu is None:
+        raise MixpertError(f"{engine}: TensorRT engines need a CUDA GPU and none is visible; use --runtime onnxruntime here")
+    if trt["flavour"] != flavour:
+        raise MixpertError(f"{engine}: built by {trt['flavour']} {trt['version']}, this machine has {flavour} {version}; "
+                           f"rebuild here: {fix}")
+    if trt["version"] != version:
+        raise MixpertError(f"{engine}: built by {trt['flavour']} {trt['version']}, installed is {version}; rebuild: {fix}")
+    cc = gpu.get("compute_capability")
+    if flavour == "tensorrt_rtx":
+        targets = trt["targets"].get("compute_capabilities", [])
+        rtx_ok = cc in {"sm80", "sm86", "sm89"} or (cc or "").startswith("sm12")
+        if not rtx_ok:
+            raise MixpertError(f"{engine}: TensorRT-RTX engines run on Ampere/Ada/Blackwell RTX-class GPUs, not "
+                               f"{gpu.get('name')} ({cc}); build with standard TensorRT on this machine: pip install "
+                               f"tensorrt, then {fix}")
+        if targets and "current" not in targets and cc not in targets:
+            raise MixpertError(f"{engine}: built for {','.join(targets)}, this GPU is {gpu.get('name')} ({cc}); "
+                               f"rebuild with --gpu-targets {cc} (or current): {fix}")
+    else:
+        built = trt["targets"].get("gpu") or {}
+        if built.get("compute_capability") != cc or built.get("name") != gpu.get("name"):
+            raise MixpertError(f"{engine}: built on {built.get('name')} ({built.get('compute_capability')}), this GPU is "
+                               f"{gpu.get('name')} ({cc}); rebuild on this machine: {fix}")

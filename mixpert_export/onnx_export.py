@@ -1,0 +1,215 @@
+"""ONNX export of each Mixpert part: what a part looks like (PartSpec, data) and how it is exported (one function).
+
+Precision is decided here, in the graph: fp16/bf16 graphs keep LayerNorm in fp32 through explicit casts and
+the router entirely in fp32, so strongly typed TensorRT networks take their precision from the ONNX types.
+Whether an export is right is a separate step (validate.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import MixpertConfig, MixpertVision
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# fp32: TensorRT has no fp32 kernel for ONNX Attention (FACTS), so attention stays MatMul/Softmax (opset 18).
+# fp16/bf16: opset 23 emits ONNX Attention and Gelu, fused by ONNX Runtime CUDA and TensorRT.
+OPSET = {"fp32": 18, "fp16": 23, "bf16": 23}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, or axis names for dynamic axes ("crops", "images")
+    dtype: str  # numpy-style name: float32, float16, bfloat16
+
+    def to_dict(self):
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    name: str  # trunk | router | expert_<name> | single_encoder
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def role(self) -> str:
+        return "expert" if self.name.startswith("expert_") else self.name
+
+
+def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -> list[PartSpec]:
+    """The I/O contract of every part: pixels and router I/O in fp32, hidden and tokens in `precision`."""
+    bb, dt = cfg.backbone, ONNX_DTYPE[precision]
+    s, t0 = bb.crop_size, (bb.crop_size // int(bb.vision["patch_size"])) ** 2
+    pixels = TensorSpec("pixel_values", ("crops", int(bb.vision.get("num_channels", 3)), s, s), "float32")
+    hidden = TensorSpec("hidden", ("crops", t0, bb.hidden_size), dt)
+    tokens = TensorSpec("tokens", ("crops", bb.tokens_per_crop, bb.llm_hidden_size), dt)
+    specs = [
+        PartSpec("trunk", (pixels,), (hidden,)),
+        PartSpec("router", (hidden, TensorSpec("pool", ("images", "crops"), "float32")),
+                 (TensorSpec("scores", ("images", len(cfg.domains)), "float32"),)),
+    ]
+    specs += [PartSpec(f"expert_{e}", (hidden,), (tokens,)) for e in cfg.experts]
+    if with_baseline:
+        specs.append(PartSpec("single_encoder", (pixels,), (tokens,)))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Export wrappers: each takes exactly the spec's inputs, in order.
+# ---------------------------------------------------------------------------------------------
+
+class _FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the tensor's dtype (SigLIP loses accuracy in fp16 LayerNorm)."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class _PixelsIn(nn.Module):
+    """fp32 pixels in, cast to the part's precision inside the graph."""
+
+    def __init__(self, body: nn.Module, dtype):
+        super().__init__()
+        self.body, self.dtype = body, dtype
+
+    def forward(self, pixel_values):
+        return self.body(pixel_values.to(self.dtype))
+
+
+def lowered(model: MixpertVision, precision: str) -> MixpertVision:
+    """A copy of the model in `precision` with LayerNorm and the router in fp32."""
+    if precision == "fp32":
+        return model
+    m = copy.deepcopy(model).to(PRECISIONS[precision])
+    for mod in m.modules():
+        if type(mod) is nn.LayerNorm:
+            mod.__class__ = _FP32LayerNorm
+    m.router.float()
+    return m.eval()
+
+
+def part_module(model: MixpertVision, spec: PartSpec, precision: str) -> nn.Module:
+    """The torch module whose forward is exactly this part's graph (model already lowered)."""
+    dtype = PRECISIONS[precision]
+    if spec.name == "trunk":
+        return _PixelsIn(model.trunk, dtype)
+    if spec.name == "router":
+        return model.router
+    if spec.name == "single_encoder":
+        return _PixelsIn(model.single_encoder(), dtype)
+    return model.experts[spec.name[len("expert_"):]]
+
+
+def example_inputs(spec: PartSpec, cfg: MixpertConfig, precision: str, crops: int = 3) -> tuple:
+    """Trace inputs: `crops` crops of two images. Sizes > 1 so no dynamic axis is specialised."""
+    from mixpert_train.model import pool_matrix
+
+    out = []
+    for t in spec.inputs:
+        if t.name == "pool":
+            out.append(torch.from_numpy(pool_matrix([crops - 1, 1])))
+            continue
+        shape = [crops if d == "crops" else d for d in t.shape]
+        dtype = PRECISIONS[precision] if t.dtype != "float32" else torch.float32
+        out.append(torch.randn(shape).to(dtype))
+    return tuple(out)
+
+
+def _quiet():
+    """The dynamo exporter prints its stages and warns about torchvision; keep the progress bar readable."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def export_part(model: MixpertVision, spec: PartSpec, out_dir: Path, precision: str, max_crops: int) -> list[Path]:
+    """Export one part of an already-lowered model to out_dir/spec.file (+ .data when large).
+    Returns the files written. Raises MixpertError naming the part on failure."""
+    module = part_module(model, spec, precision).eval()
+    args = example_inputs(spec, model.cfg, precision)
+    crops = torch.export.Dim("crops", min=1, max=max_crops)
+    images = torch.export.Dim("images", min=1, max=max_crops)
+    dims = {"crops": crops, "images": images}
+    dynamic = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+    path = out_dir / spec.file
+    tmp = out_dir / f".{spec.file}.export"
+    try:
+        with _quiet(), torch.no_grad():
+            prog = torch.onnx.export(
+                module, args, dynamo=True, opset_version=OPSET[precision],
+                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=dynamic, optimize=True, verbose=False,
+            )
+        proto = prog.model_proto
+    except Exception as e:  # the exporter raises many types; name the part and keep one line
+        raise MixpertError(f"ONNX export of {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    _rename_dynamic_axes(proto, spec)
+    large = _byte_size(proto) > EXTERNAL_DATA_BYTES
+    data_name = f"{spec.file}.data"
+    if large:
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(tmp.parent / data_name, out_dir / data_name)
+    else:
+        onnx.save_model(proto, str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=False)
+    onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp))
+    os.replace(tmp, path)
+    return [path] + ([out_dir / data_name] if large else [])
+
+
+def _byte_size(proto) -> float:
+    try:
+        return proto.ByteSize()
+    except Exception:  # past 2 GiB protobuf refuses to serialise, let alone count
+        return float("inf")
+
+
+def _rename_dynamic_axes(proto, spec: PartSpec):
+    """Name the graph's dynamic axes after the spec ('crops', 'images'), not the exporter's s0, s1."""
+    for vi, t in zip(list(proto.graph.input) + list(proto.graph.output), spec.inputs + spec.outputs):
+        for dim, want in zip(vi.type.tensor_type.shape.dim, t.shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+            elif not dim.HasField("dim_value") or dim.dim_value != want:
+                raise MixpertError(f"ONNX export of {spec.name}: {t.name} has shape "
+                                   f"{[d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]}, "
+                                   f"expected {list(t.shape)}")
+
+
+def onnx_io(path: Path) -> dict:
+    """Input and output names, shapes and dtypes as the ONNX file declares them (for the manifest checks)."""
+    m = onnx.load(str(path), load_external_data=False)
+
+    def desc(vi):
+        tt = vi.type.tensor_type
+        return {"name": vi.name, "shape": [d.dim_param or d.dim_value for d in tt.shape.dim],
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type != onnx.TensorProto.BFLOAT16 else "bfloat16"}
+
+    return {"inputs": [desc(v) for v in m.graph.input], "outputs": [desc(v) for v in m.graph.output]}

@@ -1,0 +1,143 @@
+"""Whether an exported part is right: polygraphy's Comparator runs the torch module and ONNX Runtime (CPU)
+on the same inputs, and the outputs are held to the tolerances below (fp32 reference in every case)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator
+from polygraphy.logger import G_LOGGER
+
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import MixpertVision, pool_matrix
+
+from .onnx_export import PartSpec, part_module
+
+# (issue #10) fp32: max |diff| <= 1e-4 and cosine >= 0.9999; fp16/bf16: cosine >= 0.999 against fp32 torch.
+TOLERANCES = {"fp32": {"max_abs": 1e-4, "cosine": 0.9999}, "fp16": {"cosine": 0.999}, "bf16": {"cosine": 0.999}}
+CPU_UNSUPPORTED = {"bf16": "ONNX Runtime CPU has no bfloat16 MatMul; validate on a GPU (tests marked gpu)"}
+
+G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+class TorchCpuRunner(BaseRunner):
+    """polygraphy runner for a torch module on CPU (polygraphy's own PytRunner moves inputs to CUDA)."""
+
+    def __init__(self, module: torch.nn.Module, spec: PartSpec, name=None):
+        super().__init__(name=name, prefix="torch-cpu-runner")
+        self.module, self.spec = module, spec
+        self.input_names = [t.name for t in spec.inputs]
+        self.output_names = [t.name for t in spec.outputs]
+
+    def activate_impl(self):
+        self.module.eval()
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for t in self.spec.inputs:  # the reference takes fp32; dynamic axes are -1
+            meta.add(t.name, dtype=np.float32, shape=[d if isinstance(d, int) else -1 for d in t.shape])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        args = [torch.from_numpy(np.asarray(feed_dict[n], dtype=np.float32)) for n in self.input_names]
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.module(*args)
+        self.inference_time = time.perf_counter() - start
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return OrderedDict((n, o.float().numpy()) for n, o in zip(self.output_names, outs))
+
+    def deactivate_impl(self):
+        pass
+
+
+def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
+    """Validation crops, normalised like real inputs: drawn images (text, chart-like bars, a gradient scene)
+    and Gaussian noise. [N, 3, S, S] float32."""
+    from PIL import Image, ImageDraw
+
+    bb, s = cfg.backbone, cfg.backbone.crop_size
+    rng = np.random.default_rng(seed)
+    images = []
+    doc = Image.new("RGB", (s, s), "white")
+    d = ImageDraw.Draw(doc)
+    for i in range(0, s, max(8, s // 8)):
+        d.text((2, i), "Mixpert 0.6 tau", fill="black")
+    images.append(doc)
+    chart = Image.new("RGB", (s, s), (240, 240, 250))
+    d = ImageDraw.Draw(chart)
+    for i, h in enumerate(rng.uniform(0.2, 0.9, 5)):
+        x0 = int(i * s / 5) + 1
+        d.rectangle([x0, int(s * (1 - h)), x0 + s // 7, s - 1], fill=(30 * i, 90, 200 - 30 * i))
+    images.append(chart)
+    yy, xx = np.mgrid[0:s, 0:s] / max(1, s - 1)
+    scene = np.stack([xx, yy, 1 - xx * yy], -1) * 255
+    images.append(Image.fromarray(scene.astype(np.uint8)))
+    mean, std = np.array(bb.image_mean, np.float32), np.array(bb.image_std, np.float32)
+    arrs = [((np.asarray(im, np.float32) / 255 - mean) / std).transpose(2, 0, 1) for im in images]
+    arrs += list(rng.standard_normal((n_random, 3, s, s)).astype(np.float32))
+    return np.stack(arrs).astype(np.float32)
+
+
+def validation_feeds(model: MixpertVision, spec: PartSpec, crops: np.ndarray) -> list[dict]:
+    """One feed dict for this part, from real-looking crops: hidden inputs are the fp32 trunk's output."""
+    if spec.inputs[0].name == "pixel_values":
+        return [{"pixel_values": crops}]
+    with torch.no_grad():
+        hidden = model.trunk(torch.from_numpy(crops)).numpy()
+    feed = {"hidden": hidden}
+    if spec.name == "router":
+        feed["pool"] = pool_matrix([2, 1, len(crops) - 3])
+    return [feed]
+
+
+def _cast_for_graph(feed: dict, spec: PartSpec) -> dict:
+    out = {}
+    for t in spec.inputs:
+        x = feed[t.name]
+        if t.dtype == "float16":
+            x = x.astype(np.float16)
+        elif t.dtype == "bfloat16":
+            import ml_dtypes
+
+            x = x.astype(ml_dtypes.bfloat16)
+        out[t.name] = x
+    return out
+
+
+def validate_part(model_fp32: MixpertVision, spec: PartSpec, onnx_path, precision: str, crops: np.ndarray) -> dict:
+    """Run torch (fp32, the reference) and ONNX Runtime CPU through polygraphy; return the figures and
+    whether they meet TOLERANCES. Never raises for a miss: the caller decides (build fails on a miss)."""
+    if precision in CPU_UNSUPPORTED:
+        return {"status": "not-run", "reason": CPU_UNSUPPORTED[precision]}
+    feeds = validation_feeds(model_fp32, spec, crops)
+    torch_runner = TorchCpuRunner(part_module(model_fp32, spec, "fp32"), spec, name="torch-fp32")
+    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime-cpu")
+    # the ORT runner gets the inputs in the graph's own dtypes; torch always gets fp32
+    results = Comparator.run([torch_runner], data_loader=feeds)
+    results.extend(Comparator.run([ort_runner], data_loader=[_cast_for_graph(f, spec) for f in feeds]))
+    ref, got = results[0][1][0], results[1][1][0]
+    figures = {}
+    for t in spec.outputs:
+        a, b = ref[t.name].astype(np.float64).ravel(), np.asarray(got[t.name], dtype=np.float64).ravel()
+        cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+        figures[t.name] = {"max_abs": float(np.abs(a - b).max()), "cosine": cos, "finite": bool(np.isfinite(b).all())}
+    tol = TOLERANCES[precision]
+    ok = all(f["finite"] and f["cosine"] >= tol["cosine"] and f["max_abs"] <= tol.get("max_abs", np.inf)
+             for f in figures.values())
+    return {"status": "pass" if ok else "fail", "tolerance": tol, "reference": "torch fp32 (CPU)",
+            "runtime": "onnxruntime CPUExecutionProvider", "inputs": int(len(crops)), "outputs": figures}
+
+
+def check(report: dict, part: str):
+    if report["status"] == "fail":
+        out = next(iter(report["outputs"].values()))
+        raise MixpertError(f"{part}: ONNX output differs from torch beyond {report['tolerance']} "
+                           f"(max_abs {out['max_abs']:.3g}, cosine {out['cosine']:.6f}); the export is wrong")
