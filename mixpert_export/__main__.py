@@ -11,33 +11,9 @@ from mixpert_train.errors import MixpertError
 
 
 def load_model(args):
-    """The model to export, and where it came from: --checkpoint, --weights, or --random-init."""
-    from mixpert_train.backbones import REGISTRY, get_backbone
-    from mixpert_train.model import MixpertConfig, build_model
+    from .sources import resolve
 
-    given = [x for x in ("checkpoint", "weights") if getattr(args, x)] + (["random-init"] if args.random_init else [])
-    if len(given) > 1:
-        raise MixpertError(f"pass one of --checkpoint, --weights, --random-init (got {', '.join('--' + g for g in given)})")
-    if args.checkpoint:
-        from mixpert_train.checkpoint import load_checkpoint
-
-        model = load_checkpoint(args.checkpoint)
-        if args.backbone and args.backbone != model.cfg.backbone.name:
-            raise MixpertError(f"--checkpoint {args.checkpoint} is a {model.cfg.backbone.name} model, not --backbone {args.backbone}")
-        return model, {"kind": "checkpoint", "path": str(Path(args.checkpoint).resolve())}
-    if args.weights:
-        from mixpert_train.weights import model_from_snapshot
-
-        model = model_from_snapshot(args.weights, args.backbone, expert_layers=args.expert_layers)
-        return model, {"kind": "weights", "path": str(Path(args.weights).resolve())}
-    if not args.backbone:
-        raise MixpertError("pass --backbone NAME (" + ", ".join(sorted(REGISTRY)) + "), or --weights DIR / --checkpoint DIR")
-    bb = get_backbone(args.backbone)
-    if not args.random_init and bb.name != "tiny":
-        raise MixpertError(f"--backbone {bb.name} needs weights: --weights DIR (a local Hugging Face LLaVA-OneVision "
-                           "snapshot), --checkpoint DIR (from python -m mixpert_train), or --random-init for shapes and latency")
-    cfg = MixpertConfig.for_backbone(bb, expert_layers=args.expert_layers)
-    return build_model(cfg, seed=args.seed), {"kind": "random-init", "seed": args.seed}
+    return resolve(args.backbone, args.checkpoint, args.weights, args.random_init, args.expert_layers, args.seed)
 
 
 def cmd_build(args) -> int:
@@ -62,6 +38,49 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .build import format_table
+    from .pipeline import MixpertPipeline
+
+    pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
+                                        tau=args.tau, lam=args.lam, per_crop=args.per_crop)
+    results = pipe(args.images)
+    domains = pipe.cfg.domains
+    rows = []
+    for r in results:
+        if not r.ok:
+            rows.append([r.source, "ERROR", r.error, "", "", ""])
+            continue
+        s = np.asarray(r.scores, dtype=float).reshape(-1, len(domains)).mean(0)
+        top = " ".join(f"{domains[i]}={s[i]:.2f}" for i in np.argsort(-s)[:2])
+        expert = r.expert if isinstance(r.expert, str) else ",".join(r.expert)
+        margin = r.margin if isinstance(r.margin, float) else float(np.mean(r.margin))
+        rows.append([r.source, expert, top, f"{margin:.3f}", str(r.crops), f"{r.latency_ms:.1f} ms"])
+    print(format_table(["image", "expert", "top scores", "margin", "crops", "latency (batch)"], rows))
+    d = pipe.describe()
+    print(f"\n{d['backend']['runtime']} {d['backend']['version']} on {d['backend']['device']}, "
+          f"{d['strategy']} (tau={d['tau']}, lam={d['lam']}){', per-crop' if d['per_crop'] else ''}")
+    if args.json:
+        _atomic_write(Path(args.json), json.dumps([r.record() for r in results], indent=2).encode())
+    if args.save_features:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **{str(r.index): r.tokens for r in results if r.ok})
+        _atomic_write(Path(args.save_features), buf.getvalue())
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _atomic_write(path: Path, data: bytes):
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mixpert_export", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -83,6 +102,18 @@ def main(argv=None) -> int:
     b.add_argument("--json", help="also write the manifest here")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
+    r = sub.add_parser("run", help="route and encode images with a built bundle")
+    r.add_argument("--engines", required=True, help="bundle directory (from build)")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    r.add_argument("--device", help="cpu or cuda (default: the runtime's)")
+    r.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
+    r.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's, 0.6)")
+    r.add_argument("--lam", type=float, help="score-threshold threshold (default: the bundle's)")
+    r.add_argument("--per-crop", action="store_true", help="route every crop on its own (paper Table 8)")
+    r.add_argument("--json", help="one record per input: path, expert, scores, margin, crops, or its error")
+    r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position")
+    r.set_defaults(func=cmd_run)
     args = p.parse_args(argv)
     try:
         return args.func(args)

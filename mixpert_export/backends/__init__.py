@@ -1,0 +1,36 @@
+"""Runtimes behind one interface (base.Backend): torch (reference), onnxruntime, tensorrt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixpert_train.errors import MixpertError
+
+RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+def pick_runtime(manifest: dict) -> str:
+    """auto: TensorRT where the bundle has engines and a CUDA GPU is visible, else ONNX Runtime."""
+    from .. import tensorrt_build as trtb
+
+    if manifest.get("tensorrt") and trtb.build_gpu() is not None:
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def create_backend(runtime: str, bundle: Path, manifest: dict, device: str | None = None, model=None):
+    if runtime == "auto":
+        runtime = pick_runtime(manifest)
+    if runtime == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(device or "cpu", model=model).load(bundle, manifest)
+    if runtime == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(device or "cpu").load(bundle, manifest)
+    if runtime == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend().load(bundle, manifest)
+    raise MixpertError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")

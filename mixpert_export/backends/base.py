@@ -1,0 +1,42 @@
+"""The one interface every runtime implements: load a bundle, infer one part, describe itself.
+
+Arrays stay in the backend's own type (numpy on CPU, torch CUDA tensors on a GPU) between parts; the
+pipeline only indexes them and asks for the router scores on the host.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    @abstractmethod
+    def load(self, bundle: Path, manifest: dict) -> "Backend":
+        """Open every part of the bundle; raise MixpertError naming the file when it cannot."""
+
+    @abstractmethod
+    def infer(self, part: str, feeds: dict) -> dict:
+        """Run one part ('trunk', 'router', 'expert_<name>', 'single_encoder') on named inputs."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Runtime, version, device and precision, for reports."""
+
+    def from_host(self, x: np.ndarray):
+        """A host array as this backend's input type (identity on CPU)."""
+        return x
+
+    def to_host(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def take(self, x, index: np.ndarray):
+        """Rows `index` of x (an expert's group of crops), without leaving the device."""
+        return x[index]
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing); nothing to wait for on CPU."""

@@ -1,0 +1,101 @@
+"""Image -> anyres crops [n_crops, 3, S, S], with transformers' own LLaVA-OneVision PIL processor (offline,
+no torchvision) configured from the backbone; and image loading that turns every bad input into a one-line
+ImageError for that image alone."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from mixpert_train.backbones import Backbone
+from mixpert_train.errors import MixpertError
+
+MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond that anyres throws away nearly everything; refuse, do not OOM
+
+
+class ImageError(MixpertError):
+    """This image cannot be processed; the other images of the call are unaffected."""
+
+
+def _describe(src) -> str:
+    return str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"
+
+
+def _open(src) -> Image.Image:
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, np.ndarray):
+        return Image.fromarray(src)
+    if isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise ImageError(f"{path}: no such file")
+        data = path.read_bytes()
+    if not data:
+        raise ImageError(f"{_describe(src)}: empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"{_describe(src)}: not an image PIL can read (is it really a {Path(str(src)).suffix or 'picture'}?)") from None
+
+
+def load_image(src) -> Image.Image:
+    """An RGB PIL image, or ImageError naming the file and what is wrong with it."""
+    name = _describe(src)
+    img = _open(src)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit; downscale it")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: corrupt or truncated image data ({e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: pixel values are NaN or infinite")
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 if top != 255.0 else arr, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # composite on white, as documents are
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+class Preprocessor:
+    """transformers' LlavaOnevisionImageProcessorPil with the backbone's crop size, grid and normalisation."""
+
+    def __init__(self, backbone: Backbone):
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        self.backbone = backbone
+        s = backbone.crop_size
+        self.processor = LlavaOnevisionImageProcessorPil(
+            size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints],
+            image_mean=list(backbone.image_mean), image_std=list(backbone.image_std), do_convert_rgb=True,
+        )
+
+    def crops(self, image: Image.Image) -> np.ndarray:
+        out = self.processor(images=[image], return_tensors="np")
+        px = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        if not np.isfinite(px).all():
+            raise ImageError("preprocessing produced NaN or infinite values")
+        return px
+
+    def __call__(self, src) -> np.ndarray:
+        return self.crops(load_image(src))
