@@ -5,6 +5,7 @@ ImageError for that image alone."""
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def _open(src) -> Image.Image:
         raise ImageError(f"{_describe(src)}: empty file (0 bytes)")
     try:
         return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        px = int(re.search(r"\((\d+) pixels\)", str(e)).group(1)) if re.search(r"\((\d+) pixels\)", str(e)) else 0
+        raise ImageError(f"{_describe(src)}: {px / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit; downscale it") from None
     except UnidentifiedImageError:
         raise ImageError(f"{_describe(src)}: not an image PIL can read (is it really a {Path(str(src)).suffix or 'picture'}?)") from None
 

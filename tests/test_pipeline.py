@@ -1,0 +1,279 @@
+"""MixpertPipeline over torch and ONNX Runtime: golden tests against torch and transformers, dispatch,
+per-crop routing, batching by crops, bad input, concurrency, and the run CLI."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import reference_crop_features
+from mixpert_export.__main__ import main
+from mixpert_export.build import build_bundle
+from mixpert_export.pipeline import MixpertPipeline
+from mixpert_export.preprocess import Preprocessor
+from mixpert_train.backbones import get_backbone
+from mixpert_train.checkpoint import save_checkpoint
+from mixpert_train.model import DOMAINS, VERSATILE, MixpertConfig, build_model
+
+
+def decisive_model(seed=5):
+    """A tiny model whose experts differ and whose router is confident (margins far above float noise),
+    standing in for a trained one."""
+    model = build_model(MixpertConfig.for_backbone(get_backbone("tiny")), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for e in model.experts.values():
+            for p in e.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        model.router.fc1.weight.mul_(20)
+        model.router.fc2.weight.mul_(20)
+    return model
+
+
+def images(seed=0):
+    """Different sizes, aspect ratios and content, so several experts are chosen."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (w, h) in enumerate([(64, 64), (200, 90), (90, 200), (333, 333), (30, 500), (640, 480), (48, 47), (128, 256)]):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if i % 2 else np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    ck = save_checkpoint(decisive_model(), d / "ck")
+    from mixpert_export.sources import resolve
+
+    model, source = resolve(checkpoint=str(ck))
+    build_bundle(model, d / "bundle", runtime="onnxruntime", max_crops=24, source=source, progress=False)
+    return d / "bundle"
+
+
+@pytest.fixture(scope="module")
+def pipes(bundle):
+    return {rt: MixpertPipeline.from_engines(bundle, runtime=rt, strategy="direct") for rt in ("torch", "onnxruntime")}
+
+
+def test_onnxruntime_pipeline_equals_torch_pipeline(pipes):
+    imgs = images()
+    t, o = pipes["torch"](imgs), pipes["onnxruntime"](imgs)
+    assert all(r.ok for r in t + o)
+    assert [r.expert for r in t] == [r.expert for r in o]  # routing identical across runtimes
+    assert len({r.expert for r in t}) >= 2, "the image set must exercise several experts"
+    for a, b in zip(t, o):
+        assert a.crops == b.crops and a.tokens.shape == (a.crops, 64, 256)
+        assert np.abs(a.tokens - b.tokens).max() <= 1e-4  # fp32: 1e-4 (issue #5)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_dispatch_is_one_launch_per_used_expert_and_matches_per_image_reference(bundle):
+    model = decisive_model()
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
+    imgs = [images()[i] for i in (0, 1, 2, 4, 6)]  # 2+7+7+4+2 = 22 crops: one call under the 24-crop limit
+    res = pipe(imgs)
+    used = {r.expert for r in res}
+    assert pipe.stats.launches["trunk"] == pipe.stats.launches["router"] == 1
+    assert {k for k in pipe.stats.launches if k.startswith("expert_")} == {f"expert_{e}" for e in used}
+    assert all(v == 1 for v in pipe.stats.launches.values())
+    pre = Preprocessor(model.cfg.backbone)
+    for r, im in zip(res, imgs):  # independent reference: each image alone, by hand, in torch
+        px = torch.from_numpy(pre(im))
+        with torch.no_grad():
+            h = model.trunk(px)
+            s = model.router(h, torch.full((1, len(px)), 1.0 / len(px)))
+            expert = DOMAINS[int(s.argmax())]
+            want = model.experts[expert](h).numpy()
+        assert r.expert == expert
+        assert np.abs(r.tokens - want).max() <= 1e-4
+
+
+def test_routing_strategies_and_tau(bundle):
+    imgs = images()[:4]
+    base = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")(imgs)
+    for tau in (0.0, 0.3, 0.6, 1.0):
+        res = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", tau=tau)(imgs)  # score-difference
+        for r, b in zip(res, base):
+            assert r.expert == (b.expert if r.margin >= tau else VERSATILE)
+
+
+def test_per_crop_routing(bundle):
+    model = decisive_model()
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct", per_crop=True)
+    imgs = images()[1:3]
+    res = pipe(imgs)
+    pre = Preprocessor(model.cfg.backbone)
+    for r, im in zip(res, imgs):
+        assert isinstance(r.expert, list) and len(r.expert) == r.crops == len(r.scores)
+        px = torch.from_numpy(pre(im))
+        with torch.no_grad():
+            h = model.trunk(px)
+            for c in range(r.crops):
+                s = model.router(h[c:c + 1], torch.ones(1, 1))
+                e = DOMAINS[int(s.argmax())]
+                assert r.expert[c] == e
+                assert np.abs(r.tokens[c] - model.experts[e](h[c:c + 1]).numpy()[0]).max() <= 1e-4
+
+
+def test_calls_larger_than_the_engines_are_split_and_keep_order(pipes):
+    imgs = images() * 3  # about 3 x 30 crops, the bundle takes 24 a call
+    pipe = pipes["onnxruntime"]
+    res = pipe(imgs)
+    alone = [pipe([im])[0] for im in imgs[:8]]
+    assert [r.index for r in res] == list(range(len(imgs)))
+    for r, a in zip(res, alone * 3):
+        assert r.expert == a.expert and np.abs(r.tokens - a.tokens).max() <= 1e-5
+
+
+def test_versatile_everywhere_equals_transformers(reference_model, tiny_snapshot, tmp_path):
+    """Golden: every image routed to versatile -> the features transformers' LLaVA-OV computes for its crops."""
+    from mixpert_export.sources import resolve
+
+    model, source = resolve(weights=str(tiny_snapshot))
+    build_bundle(model, tmp_path / "b", runtime="onnxruntime", source=source, progress=False)
+    pv, sizes = [], []
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    proc = LlavaOnevisionImageProcessorPil.from_dict({"size": {"height": 64, "width": 64},
+                                                       "image_grid_pinpoints": reference_model.config.image_grid_pinpoints,
+                                                       "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    imgs = images()[:3]
+    for rt in ("torch", "onnxruntime"):
+        res = MixpertPipeline.from_engines(tmp_path / "b", runtime=rt, strategy="score-threshold", lam=1.01)(imgs)
+        for r, im in zip(res, imgs):
+            assert r.expert == VERSATILE
+            enc = proc(images=[im], return_tensors="pt")
+            ref = reference_crop_features(reference_model, enc["pixel_values"], enc["image_sizes"])
+            assert ref.shape == r.tokens.shape
+            assert np.abs(r.tokens - ref.numpy()).max() <= (1e-5 if rt == "torch" else 1e-4)
+
+
+def test_preprocessing_matches_llava_ov_published_processor():
+    """Our llava-ov-7b registry entry preprocesses as the published LLaVA-OV preprocessor_config does."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    published = LlavaOnevisionImageProcessorPil.from_dict({
+        "size": {"height": 384, "width": 384}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+        "do_convert_rgb": True, "do_pad": True, "resample": 3})
+    ours = Preprocessor(get_backbone("llava-ov-7b"))
+    rng = np.random.default_rng(1)
+    for w, h in [(384, 384), (500, 300), (300, 900), (1000, 700), (17, 33)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = published(images=[im], return_tensors="np")["pixel_values"][0]
+        got = ours(im)
+        assert got.shape == want.shape and np.array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each a per-image error, the rest of the call processed, nothing written half.
+# ---------------------------------------------------------------------------------------------
+
+def _bad_inputs(d):
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.png").write_text("this is not a png")
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    good.save(d / "full.jpg", quality=90)
+    data = (d / "full.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.new("1", (20000, 20000)).save(d / "huge.png")  # 400 Mpx, a few KB on disk
+    nan = np.full((40, 40), np.nan, dtype=np.float32)
+    Image.fromarray(nan, mode="F").save(d / "nan.tiff")
+    return {"missing": (d / "missing.png", "no such file"), "zero": (d / "zero.png", "empty file"),
+            "text": (d / "text.png", "not an image"), "truncated": (d / "truncated.jpg", "truncated"),
+            "huge": (d / "huge.png", "400 Mpx, above the 64 Mpx limit"), "nan": (d / "nan.tiff", "NaN")}
+
+
+def _odd_but_valid(d):
+    rng = np.random.default_rng(2)
+    out = {"1x1": Image.new("RGB", (1, 1), (10, 20, 30)),
+           "gray": Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), mode="L"),
+           "rgba": Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), mode="RGBA"),
+           "16bit": Image.fromarray(rng.integers(0, 65536, (50, 70), dtype=np.uint16).astype(np.uint16)),
+           "cmyk": Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert("CMYK"),
+           "palette": Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert("P")}
+    paths = {}
+    for k, im in out.items():
+        p = d / f"{k}.{'jpg' if k == 'cmyk' else 'png'}"
+        im.save(p)
+        paths[k] = p
+    return paths
+
+
+def test_bad_inputs_are_per_image_errors(pipes, tmp_path):
+    bad = _bad_inputs(tmp_path)
+    odd = _odd_but_valid(tmp_path)
+    good = images()[:2]
+    pipe = pipes["onnxruntime"]
+    clean = pipe(good)
+    inputs = [good[0]] + [p for p, _ in bad.values()] + list(odd.values()) + [good[1]]
+    res = pipe(inputs)
+    assert len(res) == len(inputs)
+    for r, (name, (_, why)) in zip(res[1:1 + len(bad)], bad.items()):
+        assert not r.ok and why in r.error and "\n" not in r.error, (name, r.error)
+    for r in res[1 + len(bad):-1]:
+        assert r.ok and r.tokens.shape[1:] == (64, 256) and np.isfinite(r.tokens).all(), r.source
+    for a, b in zip([res[0], res[-1]], clean):  # the good images are unaffected by their neighbours
+        assert a.ok and a.expert == b.expert and np.abs(a.tokens - b.tokens).max() <= 1e-5
+
+
+def test_an_image_that_makes_nan_tokens_is_an_error_for_that_image_only(bundle, monkeypatch):
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
+    imgs = images()[:3]
+    real = pipe.preprocess.crops
+    calls = []
+
+    def poisoned(im):
+        px = real(im)
+        calls.append(1)
+        if len(calls) == 2:
+            px[0, 0, 0, 0] = np.inf  # inf enters the trunk: NaN comes out of attention
+        return px
+
+    monkeypatch.setattr(pipe.preprocess, "crops", poisoned)
+    res = pipe(imgs)
+    assert res[0].ok and res[2].ok and not res[1].ok and "NaN" in res[1].error
+
+
+def test_one_pipeline_shared_by_8_threads(pipes):
+    pipe = pipes["onnxruntime"]
+    imgs = images()
+    want = pipe(imgs)
+    got, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            got[i] = pipe(imgs[i % 3:] + imgs[:i % 3])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    for i, res in enumerate(got):
+        order = (list(range(len(imgs)))[i % 3:] + list(range(len(imgs)))[:i % 3])
+        for r, j in zip(res, order):
+            assert r.expert == want[j].expert and np.array_equal(r.tokens, want[j].tokens)
+
+
+def test_run_cli_table_json_and_features(bundle, tmp_path, capsys):
+    good = tmp_path / "a.png"
+    images()[1].save(good)
+    (tmp_path / "bad.png").write_text("nope")
+    js, feats = tmp_path / "out.json", tmp_path / "f.npz"
+    rc = main(["run", "--engines", str(bundle), str(good), str(tmp_path / "bad.png"), str(good),
+               "--json", str(js), "--save-features", str(feats), "--runtime", "onnxruntime"])
+    assert rc == 1  # one input failed; the others were processed
+    out = capsys.readouterr().out
+    assert "ERROR" in out and "a.png" in out and "margin" in out
+    recs = json.loads(js.read_text())
+    assert [("error" in r) for r in recs] == [False, True, False]
+    assert recs[0]["expert"] in DOMAINS + (VERSATILE,) and len(recs[0]["scores"]) == 5
+    npz = np.load(feats)
+    assert sorted(npz.files) == ["0", "2"] and npz["0"].shape == (recs[0]["crops"], 64, 256)
+    assert not list(tmp_path.glob(".*.tmp"))
