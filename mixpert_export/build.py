@@ -22,7 +22,7 @@ from mixpert_train.model import MixpertVision
 from . import manifest as mf
 from . import tensorrt_build as trtb
 from .onnx_export import OPSET, PartSpec, export_part, lowered, onnx_io, part_specs
-from .validate import check, sample_crops, validate_part
+from .validate import ValidationInputs, check, sample_crops, validate_part
 
 
 def peak_rss_mb() -> float:
@@ -56,7 +56,7 @@ def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: 
     """Export and validate every part into `bundle`; returns the manifest's `parts` section."""
     specs = part_specs(model.cfg, precision, with_baseline)
     low = lowered(model, precision)
-    crops = sample_crops(model.cfg) if validate else None
+    inputs = ValidationInputs(model, sample_crops(model.cfg)) if validate else None
     parts = {}
     bar = tqdm(specs, desc=f"export {precision}", unit="part", disable=not progress)
     for spec in bar:
@@ -67,7 +67,9 @@ def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: 
         io = onnx_io(files[0])
         if not _io_eq(io, _spec_io(spec)):
             raise MixpertError(f"{files[0]}: I/O {io} does not match the part spec; the export is wrong")
-        report = validate_part(model, spec, files[0], precision, crops) if validate else {"status": "skipped"}
+        t1 = time.perf_counter()
+        report = validate_part(model, spec, files[0], precision, inputs) if validate else {"status": "skipped"}
+        report["seconds"] = round(time.perf_counter() - t1, 3)
         check(report, spec.name)
         parts[spec.name] = {"onnx": {"file": spec.file, "sha256": {f.name: mf.sha256(f) for f in files},
                                      "bytes": sum(f.stat().st_size for f in files), "io": io,

@@ -86,13 +86,26 @@ def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
     return np.stack(arrs).astype(np.float32)
 
 
-def validation_feeds(model: MixpertVision, spec: PartSpec, crops: np.ndarray) -> list[dict]:
-    """One feed dict for this part, from real-looking crops: hidden inputs are the fp32 trunk's output."""
+class ValidationInputs:
+    """Real-looking crops and, computed once for all parts that take it, the fp32 trunk's output on them."""
+
+    def __init__(self, model: MixpertVision, crops: np.ndarray):
+        self.model, self.crops, self._hidden = model, crops, None
+
+    @property
+    def hidden(self) -> np.ndarray:
+        if self._hidden is None:
+            with torch.no_grad():
+                self._hidden = self.model.trunk(torch.from_numpy(self.crops)).numpy()
+        return self._hidden
+
+
+def validation_feeds(spec: PartSpec, inputs: ValidationInputs) -> list[dict]:
+    """One feed dict for this part: crops for pixel parts, the fp32 trunk's output for the others."""
+    crops = inputs.crops
     if spec.inputs[0].name == "pixel_values":
         return [{"pixel_values": crops}]
-    with torch.no_grad():
-        hidden = model.trunk(torch.from_numpy(crops)).numpy()
-    feed = {"hidden": hidden}
+    feed = {"hidden": inputs.hidden}
     if spec.name == "router":
         feed["pool"] = pool_matrix([2, 1, len(crops) - 3])
     return [feed]
@@ -112,12 +125,15 @@ def _cast_for_graph(feed: dict, spec: PartSpec) -> dict:
     return out
 
 
-def validate_part(model_fp32: MixpertVision, spec: PartSpec, onnx_path, precision: str, crops: np.ndarray) -> dict:
+def validate_part(model_fp32: MixpertVision, spec: PartSpec, onnx_path, precision: str, inputs) -> dict:
     """Run torch (fp32, the reference) and ONNX Runtime CPU through polygraphy; return the figures and
     whether they meet TOLERANCES. Never raises for a miss: the caller decides (build fails on a miss)."""
     if precision in CPU_UNSUPPORTED:
         return {"status": "not-run", "reason": CPU_UNSUPPORTED[precision]}
-    feeds = validation_feeds(model_fp32, spec, crops)
+    if not isinstance(inputs, ValidationInputs):
+        inputs = ValidationInputs(model_fp32, inputs)
+    feeds = validation_feeds(spec, inputs)
+    crops = inputs.crops
     torch_runner = TorchCpuRunner(part_module(model_fp32, spec, "fp32"), spec, name="torch-fp32")
     ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime-cpu")
     # the ORT runner gets the inputs in the graph's own dtypes; torch always gets fp32

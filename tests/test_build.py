@@ -269,7 +269,7 @@ def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
         cos = next(iter(part["validation"]["outputs"].values()))["cosine"]
         assert cos >= (0.9999 if name == "router" else 0.99), name
     g = onnx.load(str(out / "expert_ocr.onnx"))
-    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in g.node)  # really quantised
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in g.graph.node)  # really quantised
     assert set(m["int8"]["routing_agreement"]) == {"direct", "score-threshold", "score-difference"}
     assert m["int8"]["speedup"]["fp32_ms"] > 0 and m["int8"]["speedup"]["int8_ms"] > 0
     with pytest.raises(MixpertError, match="for TensorRT use --precision fp16"):
