@@ -110,8 +110,10 @@ class MixpertPipeline:
     def _count(self, part):
         self.stats.launches[part] = self.stats.launches.get(part, 0) + 1
 
-    def run_crops(self, batch: list[tuple[ImageResult, np.ndarray]]) -> None:
-        """One call: trunk once, router once, each used expert once, scatter back. Fills the results."""
+    def run_crops(self, batch: list[tuple[ImageResult, np.ndarray]], experts: Sequence[str] | None = None) -> None:
+        """One call: trunk once, router once, each used expert once, scatter back. Fills the results.
+        `experts` (one name per routing unit) overrides route()'s choice, for benchmarks of given mixes:
+        the router still runs and its scores are still read."""
         be = self.backend
         t0 = time.perf_counter()
         counts = [len(px) for _, px in batch]
@@ -121,7 +123,7 @@ class MixpertPipeline:
         pool = pool_matrix(counts, per_crop=self.per_crop)
         scores = be.to_host(be.infer("router", {"hidden": hidden, "pool": be.from_host(pool)})["scores"])
         self._count("router")
-        names = route(scores, self.cfg.domains, self.strategy, self.tau, self.lam)
+        names = route(scores, self.cfg.domains, self.strategy, self.tau, self.lam) if experts is None else list(experts)
         # routing units are images, or crops with per-crop routing; each unit owns a range of crops
         starts = np.concatenate([[0], np.cumsum(counts)])
         unit_crops = ([np.arange(starts[i], starts[i + 1]) for i in range(len(counts))] if not self.per_crop

@@ -39,6 +39,8 @@ class OnnxRuntimeBackend(Backend):
         mf.verify_files(bundle, manifest, "onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or min(os.cpu_count() or 1, 16)
+        # one session per part: idle pools must not spin, or each part's threads starve the next part's
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.precision = manifest["precision"]
         for name, part in manifest["parts"].items():
             path = bundle / part["onnx"]["file"]

@@ -1,0 +1,259 @@
+"""Mixpert's latency over the single encoder, measured side by side in one process on the same runtime.
+
+    python benchmarks/latency.py --backbone tiny|llava-ov-7b [--bundle DIR] --runtime onnxruntime|torch|tensorrt
+        [--device cpu|cuda] --batch 1 4 --crops 1 [--rounds 7] [--baseline FILE --max-regression 5%]
+
+Cases, same inputs, interleaved rounds (order rotated each round), warm-up first:
+  a  single encoder: the unsplit tower + projector as one model
+  b  Mixpert pipeline, every image of one domain            (trunk, router, 1 expert)
+  c  Mixpert pipeline, a mixed batch: image i -> domain i%5 (trunk, router, min(B,5) experts)
+  d  two full encoders per image (the multi-encoder design of the paper's Fig. 1(b))
+  e  dense mixture: every expert on every image             (what routing saves)
+Ratios b/a, c/a, d/a, e/a are taken per round and reported as median [min, max]. Absolute times are context only.
+Every case ends with its tokens on the host, as the pipeline's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mixpert_export.pipeline import ImageResult, MixpertPipeline
+from mixpert_train.model import pool_matrix
+
+CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
+RATIOS = ("b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
+GATED = ("b_one_domain", "c_mixed")  # what the regression gate watches
+
+
+def device_name(backend) -> str:
+    d = backend.describe()
+    if str(d.get("device", "cpu")).startswith("cuda") or d.get("runtime", "").startswith("tensorrt"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def cases(pipe: MixpertPipeline, batch: int, crops: int, seed: int = 0) -> dict:
+    """The five workloads on the same pixels, each a zero-argument callable."""
+    be, cfg = pipe.backend, pipe.cfg
+    s = cfg.backbone.crop_size
+    rng = np.random.default_rng(seed)
+    per_image = [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)]
+    pixels = np.concatenate(per_image)
+    pool = pool_matrix([crops] * batch)
+
+    def items():
+        return [(ImageResult(i, "bench"), px) for i, px in enumerate(per_image)]
+
+    def single():
+        return be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(pixels)})["tokens"])
+
+    def dense():
+        h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
+        return [be.to_host(be.infer(f"expert_{e}", {"hidden": h})["tokens"]) for e in cfg.experts]
+
+    return {
+        "a_single": single,
+        "b_one_domain": lambda: pipe.run_crops(items(), experts=[cfg.domains[0]] * batch),
+        "c_mixed": lambda: pipe.run_crops(items(), experts=[cfg.domains[i % len(cfg.domains)] for i in range(batch)]),
+        "d_two_encoders": lambda: (single(), single()),
+        "e_dense": dense,
+    }
+
+
+def _timer(backend):
+    """Milliseconds of fn(): CUDA events on a GPU backend, perf_counter on CPU (after a device sync)."""
+    desc = backend.describe()
+    on_gpu = str(desc.get("device", "")).startswith("cuda") or desc.get("runtime", "").startswith("tensorrt")
+    if on_gpu:
+        import torch
+
+        def timed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return timed
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        backend.synchronize()
+        return (time.perf_counter() - t) * 1e3
+    return timed
+
+
+def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: int) -> dict:
+    work = cases(pipe, batch, crops)
+    timed = _timer(pipe.backend)
+    for _ in range(warmup):
+        for fn in work.values():
+            fn()
+    times = {k: [] for k in CASES}
+    for r in range(rounds):
+        order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]  # rotate: no case always runs first
+        for k in order:
+            times[k].append(timed(work[k]))
+    out = {"batch": batch, "crops": crops, "rounds": rounds, "cases": {}, "ratios": {}}
+    for k, ts in times.items():
+        out["cases"][k] = {"median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)), "all_ms": ts}
+    for k in RATIOS:
+        rs = [x / a for x, a in zip(times[k], times["a_single"])]
+        out["ratios"][k] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs),
+                            "p10": float(np.percentile(rs, 10)), "p90": float(np.percentile(rs, 90))}
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"### Latency: {report['backbone']} on {report['runtime']} ({report['precision']}), {report['device']}", "",
+             f"Measured {report['date']}, one process, interleaved rounds; ratios per round, median [min, max].", "",
+             "| batch x crops | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        cell = lambda k: f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
+        lines.append(f"| {r['batch']} x {r['crops']} | {r['cases']['a_single']['median_ms']:.1f} | "
+                     + " | ".join(cell(k) for k in RATIOS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    labels = {"a_single": "a single encoder", "b_one_domain": "b Mixpert, one domain", "c_mixed": "c Mixpert, mixed",
+              "d_two_encoders": "d two encoders", "e_dense": "e dense mixture"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = [f"{r['batch']}x{r['crops']}" for r in res]
+    for k in CASES:
+        ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", label=labels[k])
+    ax1.set_xlabel("images x crops"), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
+    ax1.set_title("latency"), ax1.legend(fontsize=8)
+    w = 0.8 / len(RATIOS)
+    for i, k in enumerate(RATIOS):
+        med = [r["ratios"][k]["median"] for r in res]
+        lo = [m - r["ratios"][k]["min"] for m, r in zip(med, res)]
+        hi = [r["ratios"][k]["max"] - m for m, r in zip(med, res)]
+        ax2.bar(np.arange(len(res)) + (i - 1.5) * w, med, w, yerr=[lo, hi], capsize=2, label=labels[k])
+    ax2.axhline(1.0, color="k", lw=0.8), ax2.axhline(1.02, color="r", lw=0.8, ls="--", label="2% budget")
+    ax2.set_xticks(np.arange(len(res)), x), ax2.set_ylabel("ratio to single encoder (same run)")
+    ax2.set_title("overhead"), ax2.legend(fontsize=8)
+    fig.suptitle(f"Mixpert vs single encoder: {report['backbone']}, {report['runtime']} {report['precision']}, {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def regressions(report: dict, baseline: dict, max_regression: float) -> list[str]:
+    """Gated ratios that grew past baseline * (1 + max_regression), for (batch, crops) points in both."""
+    base = {(r["batch"], r["crops"]): r for r in baseline["results"]}
+    bad = []
+    for r in report["results"]:
+        b = base.get((r["batch"], r["crops"]))
+        if b is None:
+            continue
+        for k in GATED:
+            cur, ref = r["ratios"][k]["median"], b["ratios"][k]["median"]
+            if cur > ref * (1 + max_regression):
+                bad.append(f"{k} at {r['batch']}x{r['crops']}: {cur:.3f} > {ref:.3f} x {1 + max_regression:.2f}")
+    return bad
+
+
+def _percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
+
+
+def ensure_bundle(args) -> Path:
+    if args.bundle:
+        return Path(args.bundle)
+    out = Path("engines") / f"{args.backbone}-{args.precision}-bench"
+    if not (out / "manifest.json").is_file():
+        from mixpert_export.build import build_bundle
+        from mixpert_export.sources import resolve
+
+        model, source = resolve(args.backbone, random_init=True)
+        build_bundle(model, out, precision=args.precision, runtime="onnxruntime" if args.runtime != "tensorrt" else "tensorrt",
+                     max_crops=max(args.batch) * max(args.crops), source=source)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="tiny")
+    ap.add_argument("--bundle", help="a built bundle (default: build engines/<backbone>-<precision>-bench, random init)")
+    ap.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime", "tensorrt"])
+    ap.add_argument("--device", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--crops", type=int, nargs="+", default=[1])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--baseline", help="results JSON to gate against")
+    ap.add_argument("--max-regression", default="5%", help="allowed growth of b/a and c/a over the baseline")
+    a = ap.parse_args(argv)
+    bundle = ensure_bundle(a)
+    pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device)
+    report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
+              "device": device_name(pipe.backend), "backend": pipe.backend.describe(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
+    for crops in a.crops:
+        for batch in a.batch:
+            if batch * crops > pipe.max_crops:
+                print(f"skip {batch}x{crops}: the bundle takes {pipe.max_crops} crops a call", file=sys.stderr)
+                continue
+            r = measure(pipe, batch, crops, a.rounds, a.warmup)
+            report["results"].append(r)
+            print(f"{batch} x {crops}: a {r['cases']['a_single']['median_ms']:.1f} ms; "
+                  + ", ".join(f"{k[0]}/a {v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
+    md = markdown(report)
+    print("\n" + md)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"latency_{slug(report['device'])}_{a.runtime}_{report['backbone']}_{report['precision']}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(md)
+    plot(report, out / f"{stem}.png")
+    print(f"written: {out / stem}.{{md,json,png}}")
+    if a.baseline:
+        bad = regressions(report, json.loads(Path(a.baseline).read_text()), _percent(a.max_regression))
+        for line in bad:
+            print(f"REGRESSION {line}", file=sys.stderr)
+        if bad:
+            return 1
+        print(f"gate: no ratio regressed more than {a.max_regression} against {a.baseline}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
