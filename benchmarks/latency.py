@@ -9,6 +9,7 @@ Cases, same inputs, interleaved rounds (order rotated each round), warm-up first
   c  Mixpert pipeline, a mixed batch: image i -> domain i%5 (trunk, router, min(B,5) experts)
   d  two full encoders per image (the multi-encoder design of the paper's Fig. 1(b))
   e  dense mixture: every expert on every image             (what routing saves)
+  f  bare parts: trunk, router, one expert called directly  (b/f = the orchestrator's own overhead)
 Ratios b/a, c/a, d/a, e/a are taken per round and reported as median [min, max]. Absolute times are context only.
 Every case ends with its tokens on the host, as the pipeline's do.
 """
@@ -30,8 +31,9 @@ import numpy as np
 from mixpert_export.pipeline import ImageResult, MixpertPipeline
 from mixpert_train.model import pool_matrix
 
-CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
+CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense", "f_bare_parts")
 RATIOS = ("b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
+# f: trunk + router + one expert called directly, no pipeline: b/f is the orchestrator's own overhead
 GATED = ("b_one_domain", "c_mixed")  # what the regression gate watches
 
 
@@ -76,7 +78,13 @@ def cases(pipe: MixpertPipeline, batch: int, crops: int, seed: int = 0) -> dict:
         be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
         return [be.to_host(be.infer(f"expert_{e}", {"hidden": h})["tokens"]) for e in cfg.experts]
 
+    def bare():
+        h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
+        return be.to_host(be.infer(f"expert_{cfg.domains[0]}", {"hidden": h})["tokens"])
+
     return {
+        "f_bare_parts": bare,
         "a_single": single,
         "b_one_domain": lambda: pipe.run_crops(items(), experts=[cfg.domains[0]] * batch),
         "c_mixed": lambda: pipe.run_crops(items(), experts=[cfg.domains[i % len(cfg.domains)] for i in range(batch)]),
@@ -127,18 +135,22 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
         rs = [x / a for x, a in zip(times[k], times["a_single"])]
         out["ratios"][k] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs),
                             "p10": float(np.percentile(rs, 10)), "p90": float(np.percentile(rs, 90))}
+    over = [b - f for b, f in zip(times["b_one_domain"], times["f_bare_parts"])]
+    out["orchestrator"] = {"b_over_f": statistics.median(b / f for b, f in zip(times["b_one_domain"], times["f_bare_parts"])),
+                           "extra_ms": statistics.median(over)}
     return out
 
 
 def markdown(report: dict) -> str:
     lines = [f"### Latency: {report['backbone']} on {report['runtime']} ({report['precision']}), {report['device']}", "",
              f"Measured {report['date']}, one process, interleaved rounds; ratios per round, median [min, max].", "",
-             "| batch x crops | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense |",
-             "|---|---|---|---|---|---|"]
+             "| batch x crops | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense | orchestrator b/f (ms) |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         cell = lambda k: f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
         lines.append(f"| {r['batch']} x {r['crops']} | {r['cases']['a_single']['median_ms']:.1f} | "
-                     + " | ".join(cell(k) for k in RATIOS) + " |")
+                     + " | ".join(cell(k) for k in RATIOS)
+                     + f" | {r['orchestrator']['b_over_f']:.3f} ({r['orchestrator']['extra_ms']:+.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +160,14 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = report["results"]
+    res = sorted(report["results"], key=lambda r: (r["batch"] * r["crops"], r["crops"]))
+    colors = {k: f"C{i}" for i, k in enumerate(CASES)}  # one colour per case in both panels
     labels = {"a_single": "a single encoder", "b_one_domain": "b Mixpert, one domain", "c_mixed": "c Mixpert, mixed",
               "d_two_encoders": "d two encoders", "e_dense": "e dense mixture"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = [f"{r['batch']}x{r['crops']}" for r in res]
-    for k in CASES:
-        ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", label=labels[k])
+    for k in CASES[:5]:
+        ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", color=colors[k], label=labels[k])
     ax1.set_xlabel("images x crops"), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
     ax1.set_title("latency"), ax1.legend(fontsize=8)
     w = 0.8 / len(RATIOS)
@@ -162,7 +175,7 @@ def plot(report: dict, path: Path) -> None:
         med = [r["ratios"][k]["median"] for r in res]
         lo = [m - r["ratios"][k]["min"] for m, r in zip(med, res)]
         hi = [r["ratios"][k]["max"] - m for m, r in zip(med, res)]
-        ax2.bar(np.arange(len(res)) + (i - 1.5) * w, med, w, yerr=[lo, hi], capsize=2, label=labels[k])
+        ax2.bar(np.arange(len(res)) + (i - 1.5) * w, med, w, yerr=[lo, hi], capsize=2, color=colors[k], label=labels[k])
     ax2.axhline(1.0, color="k", lw=0.8), ax2.axhline(1.02, color="r", lw=0.8, ls="--", label="2% budget")
     ax2.set_xticks(np.arange(len(res)), x), ax2.set_ylabel("ratio to single encoder (same run)")
     ax2.set_title("overhead"), ax2.legend(fontsize=8)

@@ -274,3 +274,39 @@ def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
     assert m["int8"]["speedup"]["fp32_ms"] > 0 and m["int8"]["speedup"]["int8_ms"] > 0
     with pytest.raises(MixpertError, match="for TensorRT use --precision fp16"):
         build_bundle(tiny_model, tmp_path / "x", precision="int8", runtime="tensorrt", progress=False)
+
+
+def test_large_parts_use_external_data(tiny_model, tmp_path, monkeypatch):
+    import mixpert_export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 100_000)  # as if the part were past protobuf's 2 GiB
+    spec = {s.name: s for s in part_specs(tiny_model.cfg, "fp32")}["expert_general"]
+    files = export_part(tiny_model, spec, tmp_path, "fp32", 8)
+    assert [f.name for f in files] == ["expert_general.onnx", "expert_general.onnx.data"]
+    assert files[0].stat().st_size < 100_000 < files[1].stat().st_size
+    rep = validate_part(tiny_model, spec, files[0], "fp32", sample_crops(tiny_model.cfg))
+    assert rep["status"] == "pass"
+
+
+@needs_trt
+def test_gpu_targets_are_recorded_and_checked(onnx_bundle, tmp_path):
+    m = compile_bundle(onnx_bundle, tmp_path / "e", gpu_targets=["sm89"], progress=False)
+    if m["tensorrt"]["flavour"] == "tensorrt_rtx":
+        assert m["tensorrt"]["targets"] == {"compute_capabilities": ["sm89"]}
+    with pytest.raises(MixpertError, match="--gpu-targets sm99: unknown"):
+        compile_bundle(onnx_bundle, tmp_path / "f", gpu_targets=["sm99"], progress=False)
+    assert not (tmp_path / "f").exists()
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tiny_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b" / "trunk.onnx"))
+
+    monkeypatch.setattr(build_mod, "export_part", full)
+    monkeypatch.setattr("mixpert_export.sources.build_model", lambda cfg, seed=0: tiny_model)
+    rc = main(["build", "--backbone", "tiny", "--out", str(tmp_path / "b"), "--runtime", "onnxruntime", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "No space left on device" in err and err.count("\n") == 0
+    assert list(tmp_path.iterdir()) == []

@@ -277,3 +277,62 @@ def test_run_cli_table_json_and_features(bundle, tmp_path, capsys):
     npz = np.load(feats)
     assert sorted(npz.files) == ["0", "2"] and npz["0"].shape == (recs[0]["crops"], 64, 256)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: run where a CUDA GPU is visible; skipped here with the reason.
+# ---------------------------------------------------------------------------------------------
+
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible on this machine)")
+
+
+@pytest.mark.gpu
+def test_torch_cuda_pipeline_equals_cpu_reference(bundle, pipes):
+    _need_cuda()
+    imgs = images()
+    cpu = pipes["onnxruntime"](imgs)
+    gpu = MixpertPipeline.from_engines(bundle, runtime="torch", device="cuda", strategy="direct")(imgs)
+    assert [r.expert for r in gpu] == [r.expert for r in cpu]
+    for a, b in zip(gpu, cpu):
+        assert np.abs(a.tokens - b.tokens).max() <= 1e-3  # fp32 on CUDA (TF32 off by default for matmul)
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_run_or_refuse_with_the_fix(bundle, pipes, tmp_path):
+    _need_cuda()
+    from mixpert_export import tensorrt_build as trtb
+    from mixpert_export.build import compile_bundle
+    from mixpert_train.errors import MixpertError
+
+    if not trtb.available():
+        pytest.skip("no tensorrt / tensorrt_rtx on this GPU machine")
+    compile_bundle(bundle, tmp_path / "eng", gpu_targets=["current"] if trtb.import_tensorrt().flavour == "tensorrt_rtx" else None,
+                   progress=False)
+    try:
+        pipe = MixpertPipeline.from_engines(tmp_path / "eng", runtime="tensorrt", strategy="direct")
+    except MixpertError as e:  # e.g. TensorRT-RTX engines on a data-centre GPU
+        assert "build with standard TensorRT on this machine" in str(e)
+        return
+    imgs = images()
+    got, want = pipe(imgs), pipes["onnxruntime"](imgs)
+    assert [r.expert for r in got] == [r.expert for r in want]
+    for a, b in zip(got, want):
+        cos = float((a.tokens.ravel() @ b.tokens.ravel()) / (np.linalg.norm(a.tokens) * np.linalg.norm(b.tokens)))
+        assert cos >= 0.9999
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_with_iobinding_equals_cpu(bundle, pipes):
+    _need_cuda()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed (its CUDA EP is needed)")
+    imgs = images()
+    cpu = pipes["onnxruntime"](imgs)
+    gpu = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", device="cuda", strategy="direct")(imgs)
+    assert [r.expert for r in gpu] == [r.expert for r in cpu]
+    for a, b in zip(gpu, cpu):
+        assert np.abs(a.tokens - b.tokens).max() <= 1e-3
