@@ -19,7 +19,7 @@ from mixpert_train.model import margins, pool_matrix, route
 
 from . import manifest as mf
 from .backends import create_backend
-from .preprocess import ImageError, Preprocessor
+from mixpert_train.preprocess import ImageError, Preprocessor
 
 
 @dataclass

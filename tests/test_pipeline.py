@@ -13,7 +13,7 @@ from conftest import reference_crop_features
 from mixpert_export.__main__ import main
 from mixpert_export.build import build_bundle
 from mixpert_export.pipeline import MixpertPipeline
-from mixpert_export.preprocess import Preprocessor
+from mixpert_train.preprocess import Preprocessor
 from mixpert_train.backbones import get_backbone
 from mixpert_train.checkpoint import save_checkpoint
 from mixpert_train.model import DOMAINS, VERSATILE, MixpertConfig, build_model

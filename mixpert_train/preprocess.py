@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from mixpert_train.backbones import Backbone
-from mixpert_train.errors import MixpertError
+from .backbones import Backbone
+from .errors import MixpertError
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond that anyres throws away nearly everything; refuse, do not OOM
 

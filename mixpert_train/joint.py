@@ -1,0 +1,101 @@
+"""Stage 1, joint SFT: the starting point the paper assumes. A tiny transformers LLaVA-OneVision trained on all
+domains mixed (vision tower, projector and language model), loss on answer tokens only. Output: a Hugging Face
+snapshot directory (model, tokenizer, image processor), the same kind of directory `--weights` takes."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import get_backbone
+from .checkpoint import atomic_dir, commit_dir
+from .data.manifest import read_manifest
+from .loop import Dist, adamw_cosine, steps_for
+from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_llava, write_json
+from .preprocess import Preprocessor
+
+DONE = "mixpert_stage.json"
+
+
+@dataclass
+class JointConfig:
+    backbone: str = "tiny"
+    epochs: int = 10
+    batch: int = 16
+    lr: float = 1e-3  # tiny model from scratch; LLaVA-OV's own SFT used 1e-5 (LM) / 2e-6 (vision)
+    vision_lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    seed: int = 0
+    strict: bool = False
+
+
+def stage_done(out: Path) -> bool:
+    return (Path(out) / DONE).is_file()
+
+
+def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(), progress: bool = True, log=print) -> Path:
+    data, out = Path(data), Path(out)
+    if stage_done(out):
+        log(f"joint: {out} is complete, reusing it (delete it to retrain)")
+        return out
+    dist = Dist()
+    torch.manual_seed(cfg.seed)
+    bb = get_backbone(cfg.backbone)
+    train = read_manifest(data / "train.jsonl")
+    vocab_text = train + read_manifest(data / "val.jsonl") + read_manifest(data / "test.jsonl")
+    tokenizer = build_tokenizer(vocab_text)  # a closed vocabulary of the data's words (no labels are learnt from it)
+    llava = tiny_llava(bb, len(tokenizer), seed=cfg.seed)
+    pre = Preprocessor(bb)
+    items = load_items(train, pre, tokenizer, cfg.strict, log)
+    vision = [p for n, p in llava.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    rest = [p for n, p in llava.named_parameters() if not ("vision_tower" in n or "multi_modal_projector" in n)]
+    total = steps_for(len(items), cfg.batch, cfg.epochs)
+    opt, sched = adamw_cosine([{"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.vision_lr}], total,
+                              cfg.warmup, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    llava.train()
+    t0, history = time.perf_counter(), []
+    bar = tqdm(total=total, desc="joint SFT", unit="step", disable=not (progress and dist.main))
+    for epoch in range(cfg.epochs):
+        losses, hits = [], []
+        for idx in batches(len(items), cfg.batch, rng):
+            part = [items[i] for i in dist.shard(idx)]
+            crops = torch.cat([it.crops for it in part])
+            tokens = reference_crop_tokens(llava, crops).split([len(it.crops) for it in part])
+            loss, correct = answer_scores(llava, list(tokens), part)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.sync_grads(llava.parameters())
+            torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            hits += correct.tolist()
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(hits):.2f}")
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": float(np.mean(hits))})
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if dist.main:
+        tmp = atomic_dir(out)
+        try:
+            llava.save_pretrained(tmp)
+            tokenizer.save_pretrained(str(tmp))
+            pre.processor.save_pretrained(str(tmp))
+            write_json(tmp / DONE, {"stage": "joint", "config": asdict(cfg), "history": history, "seconds": round(seconds, 1),
+                                    "train_samples": len(items), "world_size": dist.world})
+            commit_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    log(f"joint: {len(items)} samples x {cfg.epochs} epochs in {seconds:.0f}s, last loss {history[-1]['loss']:.3f}, "
+        f"train acc {history[-1]['train_acc']:.2f} -> {out}")
+    return out

@@ -1,0 +1,148 @@
+"""The MLLM around the vision side, shared by every training stage and by eval: a word-level tokenizer built
+offline from the data, a tiny transformers LlavaOnevisionForConditionalGeneration, and the one forward that
+turns per-crop visual tokens into the answer's logits (anyres packing by LLaVA-OV's own pack_image_features).
+
+The loss is cross-entropy on the answer tokens only (teacher forcing); exact match means every answer token is
+the argmax given the correct prefix, i.e. greedy decoding reproduces the answer. The synthetic data's answers
+are one word, one token of the word-level vocabulary; a real tokenizer may split them, which is handled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .backbones import Backbone
+from .data.manifest import Sample
+from .errors import MixpertError
+from .preprocess import ImageError, Preprocessor
+
+SPECIAL = ("<pad>", "<unk>", "<image>", "<eos>")
+
+
+def build_tokenizer(samples: list[Sample]):
+    """A word-level tokenizer over the data's own questions and answers (the `tokenizers` library, offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for s in samples for w in (s.question + " " + s.answer).split()})
+    vocab = {t: i for i, t in enumerate(SPECIAL + tuple(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_llava(backbone: Backbone, vocab_size: int, seed: int = 0):
+    """A tiny LLaVA-OneVision: the backbone's tower + projector and a 2-layer Qwen2 language model."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", **backbone.vision),
+        text_config=dict(model_type="qwen2", hidden_size=backbone.llm_hidden_size, intermediate_size=2 * backbone.llm_hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                         max_position_embeddings=4096, tie_word_embeddings=False),
+        image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints], vision_feature_layer=backbone.feature_layer,
+        vision_feature_select_strategy=backbone.select_strategy, projector_hidden_act=backbone.projector_act,
+        image_token_index=SPECIAL.index("<image>"), video_token_index=SPECIAL.index("<image>"),
+    )
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg)
+
+
+@dataclass
+class Item:
+    """One preprocessed sample: its crops, original size, question token ids and answer token id."""
+    sample: Sample
+    crops: torch.Tensor  # [n_crops, 3, S, S]
+    size: tuple[int, int]  # (h, w) of the original image
+    question: torch.Tensor  # [Lq] int64
+    answer: torch.Tensor  # [La] int64, La >= 1
+
+
+def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool = False, log=print) -> list[Item]:
+    """Preprocess every sample; a corrupt or missing image is skipped, counted and named (strict: an error)."""
+    from .preprocess import load_image
+
+    items, skipped = [], []
+    for s in samples:
+        try:
+            img = load_image(s.image)
+            crops = pre.crops(img)
+        except ImageError as e:
+            if strict:
+                raise MixpertError(f"{e} (run without --strict to skip bad images)") from None
+            skipped.append(str(e))
+            continue
+        q = tokenizer(s.question, add_special_tokens=False)["input_ids"]
+        a = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
+        if not a:
+            raise MixpertError(f"sample {s.image}: empty answer")
+        items.append(Item(s, torch.from_numpy(crops), (img.size[1], img.size[0]), torch.tensor(q, dtype=torch.long),
+                          torch.tensor(a, dtype=torch.long)))
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return items
+
+
+def reference_crop_tokens(llava, crops: torch.Tensor) -> torch.Tensor:
+    """transformers' own vision path for crops: tower hidden state at the feature layer -> projector."""
+    cfg = llava.config
+    hs = llava.model.vision_tower(crops, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        hs = hs[:, 1:]
+    return llava.model.multi_modal_projector(hs)
+
+
+def answer_scores(llava, crop_tokens: list[torch.Tensor], items: list[Item]):
+    """Teacher-forced answer: (mean cross-entropy over answer tokens, exact match per sample [B] bool).
+    Each sequence is the anyres-packed visual tokens, the question, then the answer (right padded)."""
+    lm = llava.model.language_model
+    embed = lm.get_input_embeddings()
+    dev = embed.weight.device
+    seqs, spans = [], []
+    for tokens, it in zip(crop_tokens, items):
+        packed = llava.model.pack_image_features([tokens], torch.tensor([it.size]), image_newline=llava.model.image_newline)[0][0]
+        text = embed(torch.cat([it.question, it.answer[:-1]]).to(dev))
+        seqs.append(torch.cat([packed.to(embed.weight.dtype), text]))
+        start = len(packed) + len(it.question) - 1  # the position that predicts the first answer token
+        spans.append((start, len(it.answer)))
+    lens = torch.tensor([len(x) for x in seqs])
+    x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    mask = (torch.arange(x.shape[1])[None] < lens[:, None]).long().to(dev)
+    hidden = lm(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    rows = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(spans)])
+    cols = torch.cat([torch.arange(s0, s0 + n) for s0, n in spans])
+    logits = llava.lm_head(hidden[rows, cols])  # [sum La, vocab]
+    target = torch.cat([it.answer for it in items]).to(dev)
+    loss = F.cross_entropy(logits, target)
+    hit = (logits.argmax(-1) == target).cpu()
+    correct = torch.stack([hit[rows == b].all() for b in range(len(items))])
+    return loss, correct
+
+
+def batches(n: int, size: int, rng: np.random.Generator | None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def save_tokenizer(tokenizer, out: Path):
+    tokenizer.save_pretrained(str(out))
+
+
+def load_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise MixpertError(f"{path}: no tokenizer.json; --joint must be a snapshot written by the joint stage or a HF snapshot")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def write_json(path: Path, data: dict):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
