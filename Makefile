@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mixpert_export build --backbone tiny --out engines/tiny
+	$(PY) demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -5,6 +5,7 @@ are then read off those answers, so each row is the same model on the same image
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
 
     def accuracy(chosen: list[str]) -> dict:
         hit = np.array([correct[e][i] for i, e in enumerate(chosen)])
-        return _per_domain(hit, domain, cfg.domains) | {"to_versatile": float(np.mean([e == VERSATILE for e in chosen]))}
+        better, worse = int(np.sum(hit & ~correct["joint"])), int(np.sum(~hit & correct["joint"]))
+        return _per_domain(hit, domain, cfg.domains) | {"to_versatile": float(np.mean([e == VERSATILE for e in chosen])),
+                                                        "vs_joint": {"better": better, "worse": worse,
+                                                                     "p_value": sign_test(better, worse)}}
 
     rows = {"joint": _per_domain(correct["joint"], domain, cfg.domains),
             "versatile everywhere": accuracy([VERSATILE] * n),
@@ -74,6 +78,15 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
     return report
 
 
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided exact sign test on the images where the two models disagree (paired, same images)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    k = min(better, worse)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 def _per_domain(hit: np.ndarray, domain: np.ndarray, domains) -> dict:
     out = {d: float(np.mean(hit[domain == d])) if np.any(domain == d) else None for d in domains}
     out["all"] = float(np.mean(hit)) if len(hit) else None
@@ -87,9 +100,12 @@ def markdown(report: dict, domains) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
              "| " + " | ".join(fmt(report["router_accuracy"][c]) for c in cols) + " |", "",
              "### Answer accuracy (exact match), %", "",
-             "| model | " + " | ".join(cols) + " | to versatile |", "|---|" + "---|" * (len(cols) + 1)]
+             "| model | " + " | ".join(cols) + " | to versatile | vs joint: better / worse (sign-test p) |",
+             "|---|" + "---|" * (len(cols) + 2)]
     for name, row in report["accuracy"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(row[c]) for c in cols) + f" | {fmt(row.get('to_versatile'))} |")
+        v = row.get("vs_joint")
+        vs = f"{v['better']} / {v['worse']} (p={v['p_value']:.2f})" if v else "-"
+        lines.append(f"| {name} | " + " | ".join(fmt(row[c]) for c in cols) + f" | {fmt(row.get('to_versatile'))} | {vs} |")
     lines += ["", "### score-difference tau sweep, %", "", "| tau | " + " | ".join(cols) + " | to versatile |",
               "|---|" + "---|" * (len(cols) + 1)]
     for tau, row in report["tau_sweep"].items():

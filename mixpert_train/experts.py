@@ -36,6 +36,14 @@ class ExpertConfig:
     strict: bool = False
 
 
+def joint_backbone(joint: Path) -> str | None:
+    """The registry name our joint stage recorded (a plain HF snapshot has none: its config.json decides)."""
+    import json
+
+    rec = Path(joint) / "mixpert_stage.json"
+    return json.loads(rec.read_text())["config"]["backbone"] if rec.is_file() else None
+
+
 def load_language_model(joint: Path):
     """The frozen MLLM around the vision side (its language model is what the loss goes through)."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -67,7 +75,7 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
         model = load_checkpoint(out)
         history = meta.get("extra", {}).get("history", {})
     else:
-        model = model_from_snapshot(joint, expert_layers=cfg.expert_layers)
+        model = model_from_snapshot(joint, joint_backbone(joint), expert_layers=cfg.expert_layers)
         history = {}
     todo = [d for d in (domains or model.cfg.domains) if d not in done]
     if not todo:

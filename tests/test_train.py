@@ -138,3 +138,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["experts", "--data", str(tmp_path), "--joint", str(tmp_path / "j"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and err.count("\n") == 0
+
+
+def test_sign_test_against_hand_values():
+    from mixpert_train.evaluate import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)  # all 10 disagreements one way: 2 * 0.5**10
+    assert sign_test(1, 4) == pytest.approx(2 * (1 + 5) / 32)
