@@ -98,7 +98,7 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
         for g in groups:
             for p in g["params"]:
                 p.requires_grad_(True)
-        steps = steps_for(len(items), cfg.micro_batch * accum, cfg.epochs)
+        steps = steps_for(len(items), cfg.micro_batch * dist.world * accum, cfg.epochs)
         opt, sched = adamw_cosine([g for g in groups if g["params"]], steps, cfg.warmup, cfg.betas, cfg.weight_decay)
         rng = np.random.default_rng(cfg.seed)
         t0, losses, hits = time.perf_counter(), [], []
@@ -110,6 +110,8 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
                 group = micro[start:start + accum]
                 for idx in group:
                     idx = dist.shard(idx)
+                    if len(idx) == 0:  # the last micro-batch can be smaller than the world
+                        continue
                     part = [items[i] for i in idx]
                     tokens = expert(torch.cat([hidden[i] for i in idx])).split([len(it.crops) for it in part])
                     loss, correct = answer_scores(llava, list(tokens), part)
@@ -135,6 +137,7 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
             save_checkpoint(model, out, extra={"stage": "experts", "experts_done": done, "history": history,
                                                "config": asdict(cfg), "joint": str(joint.resolve())})
         dist.barrier()
-        log(f"expert {domain}: {len(items)} samples, {steps} steps in {history[domain]['seconds']:.0f}s, "
-            f"loss {history[domain]['final_loss']:.3f}")
+        if dist.main:
+            log(f"expert {domain}: {len(items)} samples, {steps} steps in {history[domain]['seconds']:.0f}s, "
+                f"loss {history[domain]['final_loss']:.3f}")
     return out

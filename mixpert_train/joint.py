@@ -67,10 +67,15 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
         losses, hits = [], []
         for idx in batches(len(items), cfg.batch, rng):
             part = [items[i] for i in dist.shard(idx)]
+            opt.zero_grad(set_to_none=True)
+            if not part:  # the last batch can be smaller than the world; still join the all-reduce
+                dist.sync_grads(llava.parameters())
+                opt.step()
+                sched.step()
+                continue
             crops = torch.cat([it.crops for it in part])
             tokens = reference_crop_tokens(llava, crops).split([len(it.crops) for it in part])
             loss, correct = answer_scores(llava, list(tokens), part)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             dist.sync_grads(llava.parameters())
             torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
@@ -96,6 +101,7 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     dist.barrier()
-    log(f"joint: {len(items)} samples x {cfg.epochs} epochs in {seconds:.0f}s, last loss {history[-1]['loss']:.3f}, "
-        f"train acc {history[-1]['train_acc']:.2f} -> {out}")
+    if dist.main:
+        log(f"joint: {len(items)} samples x {cfg.epochs} epochs in {seconds:.0f}s, last loss {history[-1]['loss']:.3f}, "
+            f"train acc {history[-1]['train_acc']:.2f} -> {out}")
     return out

@@ -43,10 +43,11 @@ class Dist:
         """Average gradients over processes (what DDP does, without its bucketing)."""
         if self.world == 1:
             return
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.world
+        for p in params:  # every rank joins every all-reduce, even with no gradient (an empty shard)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.world
 
     def barrier(self):
         if self.world > 1:
