@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mixpert_train.checkpoint import atomic_dir, commit_dir
+from mixpert_train.checkpoint import staged_dir
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertVision
 
@@ -136,9 +136,8 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
         trtb.import_tensorrt()  # fail before minutes of export
     max_crops = int(max_crops or 4 * cfg.backbone.max_crops)
     _writable(out)
-    tmp = atomic_dir(out)
     t0 = time.perf_counter()
-    try:
+    with staged_dir(out) as tmp:
         manifest = {
             "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,10 +151,6 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -168,8 +163,7 @@ def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_t
     mf.verify_files(src, manifest, "onnx")
     trtb.import_tensorrt(prefer)
     _writable(out)
-    tmp = atomic_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         for part in manifest["parts"].values():
             part.pop("engine", None)
             for fname in part["onnx"]["sha256"]:
@@ -179,10 +173,6 @@ def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_t
         compile_engines(tmp, manifest, gpu_targets, progress, prefer)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

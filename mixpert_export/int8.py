@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mixpert_train.checkpoint import atomic_dir, commit_dir
+from mixpert_train.checkpoint import staged_dir
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertVision, pool_matrix, route
 
@@ -64,8 +64,7 @@ def build_int8_bundle(model: MixpertVision, out: Path, max_crops=None, runtime="
     if runtime == "tensorrt":
         raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
     out = Path(out)
-    tmp = atomic_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         ref_dir = tmp / "fp32"
         manifest = build_bundle(model, ref_dir, "fp32", max_crops, "onnxruntime", source=source, progress=progress)
         manifest["precision"] = "int8"
@@ -111,8 +110,4 @@ def build_int8_bundle(model: MixpertVision, out: Path, max_crops=None, runtime="
             raise MixpertError(f"int8 routing agrees with fp32 on {agree[cfg.strategy]:.0%} of images (< {INT8_AGREEMENT:.0%}); use --precision fp32")
         shutil.rmtree(ref_dir)
         mf.write_manifest(tmp, manifest)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -6,6 +6,7 @@ crash never leaves a directory that loads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,11 +64,24 @@ def commit_dir(tmp: Path, final: Path):
         shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_dir(final: str | Path):
+    """Write a directory all or nothing: yields a temporary sibling of `final` that replaces `final` when the
+    block succeeds and is removed when it raises (Ctrl-C included)."""
+    final = Path(final)
+    tmp = atomic_dir(final)
+    try:
+        yield tmp
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(model: MixpertVision, out: str | Path, extra: dict | None = None) -> Path:
     out = Path(out)
     cfg = model.cfg
-    tmp = atomic_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         files = part_files(cfg)
         for part, fname in files.items():
             sd = {k: v.detach().contiguous().cpu() for k, v in _module(model, part).state_dict().items()}
@@ -75,10 +89,6 @@ def save_checkpoint(model: MixpertVision, out: str | Path, extra: dict | None = 
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict(), "parts": files,
                 "versions": tool_versions(), **({"extra": extra} if extra else {})}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

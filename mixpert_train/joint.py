@@ -4,7 +4,6 @@ snapshot directory (model, tokenizer, image processor), the same kind of directo
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import get_backbone
-from .checkpoint import atomic_dir, commit_dir
+from .checkpoint import staged_dir
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
 from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_llava, write_json
@@ -89,17 +88,12 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     bar.close()
     seconds = time.perf_counter() - t0
     if dist.main:
-        tmp = atomic_dir(out)
-        try:
+        with staged_dir(out) as tmp:
             llava.save_pretrained(tmp)
             tokenizer.save_pretrained(str(tmp))
             pre.processor.save_pretrained(str(tmp))
             write_json(tmp / DONE, {"stage": "joint", "config": asdict(cfg), "history": history, "seconds": round(seconds, 1),
                                     "train_samples": len(items), "world_size": dist.world})
-            commit_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     dist.barrier()
     if dist.main:
         log(f"joint: {len(items)} samples x {cfg.epochs} epochs in {seconds:.0f}s, last loss {history[-1]['loss']:.3f}, "

@@ -135,7 +135,7 @@ def test_versatile_everywhere_equals_transformers(reference_model, tiny_snapshot
 
     model, source = resolve(weights=str(tiny_snapshot))
     build_bundle(model, tmp_path / "b", runtime="onnxruntime", source=source, progress=False)
-    pv, sizes = [], []
+
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     proc = LlavaOnevisionImageProcessorPil.from_dict({"size": {"height": 64, "width": 64},

@@ -8,7 +8,7 @@ import torch
 from conftest import reference_crop_features, rewrite_snapshot
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import VERSATILE
-from mixpert_train.weights import backbone_from_snapshot, load_snapshot, model_from_snapshot
+from mixpert_train.weights import backbone_from_snapshot, model_from_snapshot
 
 
 def _pixels(seed=1, size=(64, 128)):
