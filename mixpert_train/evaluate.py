@@ -17,7 +17,7 @@ from .checkpoint import load_checkpoint, read_checkpoint_meta
 from .data.manifest import read_manifest
 from .experts import load_language_model
 from .mllm import answer_scores, load_items, load_tokenizer, reference_crop_tokens, write_json
-from .model import VERSATILE, route
+from .model import VERSATILE, pool_matrix, route
 from .preprocess import Preprocessor
 
 TAUS = (0.1, 0.3, 0.5, 0.6, 0.7)
@@ -43,12 +43,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
         sizes = [len(it.crops) for it in part]
         crops = torch.cat([it.crops for it in part])
         hidden = model.trunk(crops)
-        pool = torch.zeros(len(part), len(crops))
-        start = 0
-        for b, c in enumerate(sizes):
-            pool[b, start:start + c] = 1.0 / c
-            start += c
-        scores[lo:lo + len(part)] = model.router(hidden, pool).numpy()
+        scores[lo:lo + len(part)] = model.router(hidden, torch.from_numpy(pool_matrix(sizes))).numpy()
         for e in experts:
             _, ok = answer_scores(llava, list(model.experts[e](hidden).split(sizes)), part)
             correct[e][lo:lo + len(part)] = ok.numpy()
