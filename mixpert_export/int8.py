@@ -34,10 +34,6 @@ def _cos(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def _median_ms(fn, reps) -> float:
-    return statistics.median(fn() for _ in range(reps))
-
-
 def measure_speedup(fp32: Path, int8: Path, crops: np.ndarray, reps: int = 5) -> dict:
     """fp32 / int8 latency of one ONNX part on the same inputs, interleaved rounds (this machine is noisy)."""
     s32, s8 = _session(fp32), _session(int8)

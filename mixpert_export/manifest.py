@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from mixpert_train.checkpoint import read_versioned_json
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertConfig
 
@@ -54,17 +55,9 @@ def rebuild_command(manifest: dict, bundle: Path, engines: bool = False) -> str:
 
 def read_manifest(bundle: str | Path) -> dict:
     bundle = Path(bundle)
-    path = bundle / NAME
-    if not path.is_file():
-        raise MixpertError(f"{path}: missing; {bundle} is not a Mixpert bundle (build one with python -m mixpert_export build)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixpertError(f"{path}: not valid JSON ({e}); rebuild the bundle") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise MixpertError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this "
-                           f"mixpert_export reads {FORMAT!r} version {FORMAT_VERSION}; rebuild: {rebuild_command(manifest, bundle)}")
-    return manifest
+    return read_versioned_json(bundle / NAME, FORMAT, FORMAT_VERSION,
+                               f"{bundle} is not a Mixpert bundle (build one with python -m mixpert_export build)",
+                               lambda m: f"rebuild: {rebuild_command(m, bundle)}")
 
 
 def bundle_config(manifest: dict) -> MixpertConfig:

@@ -52,10 +52,6 @@ class PartSpec:
     def file(self) -> str:
         return f"{self.name}.onnx"
 
-    @property
-    def role(self) -> str:
-        return "expert" if self.name.startswith("expert_") else self.name
-
 
 def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -> list[PartSpec]:
     """The I/O contract of every part: pixels and router I/O in fp32, hidden and tokens in `precision`."""

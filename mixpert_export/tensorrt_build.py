@@ -89,13 +89,14 @@ def network_io(trt: TensorRT, network) -> dict:
             "outputs": [desc(network.get_output(i)) for i in range(network.num_outputs)]}
 
 
-def profile_shapes(io: dict, min_crops: int, opt_crops: int, max_crops: int) -> dict:
-    """min / opt / max per dynamic input: 'crops' axes run min..max crops, 'images' axes 1..max crops."""
+def profile_shapes(io: dict, symbolic: dict, min_crops: int, opt_crops: int, max_crops: int) -> dict:
+    """min / opt / max per dynamic input: 'crops' axes run min..max crops, 'images' axes 1..max crops.
+    `symbolic` maps an input name to its axis names (None for fixed axes); unnamed dynamic axes count as crops."""
     shapes = {}
     for t in io["inputs"]:
         if -1 not in t["shape"]:
             continue
-        dyn = t["symbolic"] if "symbolic" in t else ["crops"] * len(t["shape"])
+        dyn = symbolic.get(t["name"]) or ["crops"] * len(t["shape"])
         tri = []
         for n_crops, n_images in ((min_crops, 1), (opt_crops, 1), (max_crops, max_crops)):
             tri.append(tuple((n_images if name == "images" else n_crops) if d == -1 else d
@@ -139,11 +140,7 @@ def build_engine(trt: TensorRT, onnx_path: Path, engine_path: Path, symbolic: di
     start = time.perf_counter()
     network, _parser = network_from_onnx(trt, builder, onnx_path)
     io = network_io(trt, network)
-    for inp in io["inputs"]:
-        inp["symbolic"] = symbolic.get(inp["name"], [])
-    shapes = profile_shapes(io, min_crops, opt_crops, max_crops)
-    for inp in io["inputs"]:
-        del inp["symbolic"]
+    shapes = profile_shapes(io, symbolic, min_crops, opt_crops, max_crops)
     config = create_config(trt, builder, network, shapes, timing_cache, gpu_targets)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

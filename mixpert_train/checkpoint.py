@@ -92,19 +92,25 @@ def save_checkpoint(model: MixpertVision, out: str | Path, extra: dict | None = 
     return out
 
 
-def read_checkpoint_meta(path: str | Path) -> dict:
-    path = Path(path)
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise MixpertError(f"{meta_path}: missing; --checkpoint must be a directory written by mixpert_train")
+def read_versioned_json(path: Path, fmt: str, version: int, missing: str, fix) -> dict:
+    """A JSON file carrying {"format", "format_version"}; every failure a one-line error naming the file.
+    `missing` says what the directory should have been; `fix(data)` says how to rewrite the file."""
+    if not path.is_file():
+        raise MixpertError(f"{path}: missing; {missing}")
     try:
-        meta = json.loads(meta_path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixpertError(f"{meta_path}: not valid JSON ({e}); re-run the training stage that wrote it") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise MixpertError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is not "
-                           f"{FORMAT!r} version {FORMAT_VERSION}; re-save it with this mixpert_train ({__version__})")
-    return meta
+        raise MixpertError(f"{path}: not valid JSON ({e}); {fix({})}") from None
+    if data.get("format") != fmt or data.get("format_version") != version:
+        raise MixpertError(f"{path}: format {data.get('format')!r} version {data.get('format_version')!r} is not "
+                           f"{fmt!r} version {version}; {fix(data)}")
+    return data
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    return read_versioned_json(Path(path) / META, FORMAT, FORMAT_VERSION,
+                               "--checkpoint must be a directory written by mixpert_train",
+                               lambda _: f"re-save it with this mixpert_train ({__version__})")
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> MixpertVision:

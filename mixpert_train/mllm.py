@@ -130,10 +130,6 @@ def batches(n: int, size: int, rng: np.random.Generator | None):
     return [order[i:i + size] for i in range(0, n, size)]
 
 
-def save_tokenizer(tokenizer, out: Path):
-    tokenizer.save_pretrained(str(out))
-
-
 def load_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 

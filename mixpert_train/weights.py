@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .backbones import Backbone, adapter_for, backbone_from_llava_config, get_backbone, REGISTRY
+from .backbones import REGISTRY, Backbone, adapter_for, backbone_from_llava_config
 from .errors import MixpertError
 from .model import VERSATILE, MixpertConfig, MixpertVision
 
@@ -147,5 +147,3 @@ def model_from_snapshot(snapshot: str | Path, backbone: str | None = None, **ove
     load_snapshot(model, snapshot)
     return model
 
-
-__all__ = ["backbone_from_snapshot", "load_snapshot", "model_from_snapshot", "read_snapshot_config", "get_backbone"]

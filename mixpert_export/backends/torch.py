@@ -46,7 +46,7 @@ class TorchBackend(Backend):
         for t in spec.inputs:
             x = feeds[t.name]
             x = x if isinstance(x, torch.Tensor) else self.from_host(x)
-            args.append(x.to(PRECISIONS[self.precision] if t.dtype not in ("float32",) else torch.float32))
+            args.append(x.to(torch.float32 if t.dtype == "float32" else PRECISIONS[self.precision]))
         out = self.parts[part](*args)
         return {spec.outputs[0].name: out}
 
