@@ -73,6 +73,32 @@ def cmd_run(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args)
+
+
+def cmd_triton(args) -> int:
+    from .triton_repo import write_repository
+
+    per = {}
+    for item in filter(None, (args.expert_instances or "").split(",")):
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            raise MixpertError(f"--expert-instances {args.expert_instances!r}: expected name=count[,name=count]")
+        per[name.strip()] = int(n)
+    out = write_repository(args.engines, args.out, platform=args.platform, kind=args.kind, instances=args.instances,
+                           expert_instances=per, max_batch_size=args.max_batch_size)
+    for model in sorted(p.name for p in Path(out).iterdir() if p.is_dir()):
+        cfg = (Path(out) / model / "config.pbtxt").read_text()
+        plat = next((l.split(":", 1)[1].strip().strip('"') for l in cfg.splitlines()
+                     if l.startswith(("platform", "backend"))), "?")
+        print(f"{model:28s} {plat}")
+    print(f"\nmodel repository: {out}  (tritonserver --model-repository {out})")
+    return 0
+
+
 def _atomic_write(path: Path, data: bytes):
     import os
 
@@ -114,6 +140,31 @@ def main(argv=None) -> int:
     r.add_argument("--json", help="one record per input: path, expert, scores, margin, crops, or its error")
     r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position")
     r.set_defaults(func=cmd_run)
+    s = sub.add_parser("serve", help="serve the pipeline on a Triton Inference Server started through PyTriton")
+    s.add_argument("--engines", required=True, help="bundle directory (from build)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    s.add_argument("--device", help="cpu or cuda (default: the runtime's)")
+    s.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
+    s.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
+    s.add_argument("--max-batch-size", type=int, default=32, help="requests Triton merges into one pipeline call")
+    s.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher wait for more requests")
+    s.add_argument("--verbose", action="store_true", help="Triton's own log")
+    s.set_defaults(func=cmd_serve)
+    t = sub.add_parser("triton", help="write a Triton model repository (parts + a Python-backend 'mixpert' model)")
+    t.add_argument("--engines", required=True, help="bundle directory (from build)")
+    t.add_argument("--out", required=True, help="model repository directory to write")
+    t.add_argument("--platform", default="auto", choices=["auto", "tensorrt_plan", "onnxruntime_onnx", "python"],
+                   help="auto: TensorRT plans where the bundle has standard-TensorRT engines, else ONNX; python: the "
+                        "parts run ONNX Runtime inside Triton's Python backend (a Triton with no onnxruntime backend)")
+    t.add_argument("--kind", default="gpu", choices=["gpu", "cpu"], help="instance group kind of the ONNX parts")
+    t.add_argument("--instances", type=int, default=1, help="instances of each part and of the mixpert model")
+    t.add_argument("--expert-instances", help="per expert, e.g. general=2,chart=1 (default --instances)")
+    t.add_argument("--max-batch-size", type=int, default=16, help="requests the mixpert model takes a call")
+    t.set_defaults(func=cmd_triton)
     args = p.parse_args(argv)
     try:
         return args.func(args)

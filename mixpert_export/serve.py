@@ -1,0 +1,138 @@
+"""python -m mixpert_export serve: the Mixpert pipeline behind a real Triton Inference Server, started
+in-process through nvidia-pytriton (which ships the server binary; it runs on CPU too).
+
+One model, `mixpert`, with dynamic batching: a request holds one encoded image (BYTES [1, 1]); Triton merges
+concurrent requests into one call of the pipeline, so the trunk, the router and each used expert run once per
+merged batch. Every response carries tokens [1, n_crops, T, D_llm] (float32), the expert, the router scores,
+the crop count and `error`. PyTriton fails a whole merged batch when its callable raises, so an image that
+cannot be decoded is answered in-band: `error` holds its one-line message (crops 0, tokens one zero crop) and
+the other requests of the batch are answered normally (client.py turns a non-empty `error` into an
+exception). Requests with a wrong dtype or shape never reach the model: Triton itself refuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from mixpert_train.errors import MixpertError
+
+MODEL = "mixpert"
+INPUT = "image"
+OUTPUTS = ("tokens", "expert", "scores", "crops", "error")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def python_backend_env() -> dict:
+    """The environment the server's Python-backend stub needs: this interpreter's own libpython first on
+    LD_LIBRARY_PATH. The stub is linked against a system libpython3.x; under pyenv (or any interpreter not
+    installed in /usr) that one is a different build and the stub dies inside multiprocessing. Applied to
+    os.environ, because PyTriton starts the server with a copy of it."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    soname = sysconfig.get_config_var("INSTSONAME") or ""  # libpython3.x.so.1.0 for a shared build
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if ".so" in soname and Path(libdir, soname).is_file() and libdir not in paths:
+        paths.insert(0, libdir)
+    return {"LD_LIBRARY_PATH": os.pathsep.join(paths)} if paths else {}
+
+
+class PipelineCallable:
+    """PyTriton's inference callable: a list of requests in (one merged batch), one response dict each out."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        bb = pipeline.cfg.backbone
+        self.token_shape = (bb.tokens_per_crop, bb.llm_hidden_size)
+        self.n_domains = len(pipeline.cfg.domains)
+
+    def _error(self, msg: str) -> dict:
+        # one zero crop, not zero crops: PyTriton's shared-memory transport cannot carry an empty tensor
+        return {"tokens": np.zeros((1, 1) + self.token_shape, np.float32),
+                "expert": np.array([[b""]], dtype=object),
+                "scores": np.full((1, self.n_domains), np.nan, np.float32),
+                "crops": np.zeros((1, 1), np.int32),
+                "error": np.array([[msg.encode()]], dtype=object)}
+
+    def __call__(self, requests) -> list[dict]:
+        images, owners, responses = [], [], [None] * len(requests)
+        for i, req in enumerate(requests):
+            x = req[INPUT]
+            if x.shape != (1, 1):
+                responses[i] = self._error(f"request {i}: send one image a request (shape [1, 1], got "
+                                           f"{list(x.shape)}); Triton batches concurrent requests itself")
+                continue
+            data = x[0, 0]
+            images.append(bytes(data) if isinstance(data, (bytes, bytearray, np.bytes_)) else str(data).encode())
+            owners.append(i)
+        for i, res in zip(owners, self.pipeline(images)):
+            if not res.ok:
+                responses[i] = self._error(res.error.replace("<bytes>", "image"))
+                continue
+            responses[i] = {"tokens": np.asarray(res.tokens, np.float32)[None],
+                            "expert": np.array([[res.expert.encode()]], dtype=object),
+                            "scores": np.asarray(res.scores, np.float32)[None],
+                            "crops": np.array([[res.crops]], np.int32),
+                            "error": np.array([[b""]], dtype=object)}
+        return responses
+
+
+def model_tensors(pipeline):
+    from pytriton.model_config import Tensor
+
+    bb = pipeline.cfg.backbone
+    inputs = [Tensor(name=INPUT, dtype=bytes, shape=(1,))]
+    outputs = [Tensor(name="tokens", dtype=np.float32, shape=(-1, bb.tokens_per_crop, bb.llm_hidden_size)),
+               Tensor(name="expert", dtype=bytes, shape=(1,)),
+               Tensor(name="scores", dtype=np.float32, shape=(len(pipeline.cfg.domains),)),
+               Tensor(name="crops", dtype=np.int32, shape=(1,)),
+               Tensor(name="error", dtype=bytes, shape=(1,))]
+    return inputs, outputs
+
+
+def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PORTS["http"],
+                  grpc_port: int = DEFAULT_PORTS["grpc"], metrics_port: int = DEFAULT_PORTS["metrics"],
+                  max_batch_size: int = 32, max_queue_delay_us: int = 2000, verbose: bool = False):
+    """A started-on-run() PyTriton server with `mixpert` bound. Use as a context manager; .run() returns once
+    the model is ready, .serve() blocks."""
+    os.environ.update(python_backend_env())  # before the server process starts
+    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.triton import Triton, TritonConfig
+
+    if not verbose:
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+    config = TritonConfig(http_address=host, grpc_address=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, log_verbose=1 if verbose else 0,
+                          exit_on_error=True)
+    triton = Triton(config=config)
+    inputs, outputs = model_tensors(pipeline)
+    triton.bind(model_name=MODEL, infer_func=PipelineCallable(pipeline), inputs=inputs, outputs=outputs,
+                config=ModelConfig(max_batch_size=max_batch_size,
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)),
+                strict=False)
+    return triton
+
+
+def serve(args) -> int:
+    from .pipeline import MixpertPipeline
+
+    pipeline = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device,
+                                            strategy=args.strategy, tau=args.tau)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach it can send requests (no auth)", file=sys.stderr)
+    triton = create_server(pipeline, args.host, args.http_port, args.grpc_port, args.metrics_port,
+                           args.max_batch_size, args.max_queue_delay_us, args.verbose)
+    d = pipeline.describe()["backend"]
+    with triton:
+        triton.run()
+        print(f"serving model '{MODEL}' from {args.engines} ({d['runtime']} {d['version']} on {d['device']}): "
+              f"grpc {args.host}:{args.grpc_port}, http {args.host}:{args.http_port}; Ctrl-C stops", flush=True)
+        try:
+            triton.serve()
+        except KeyboardInterrupt:
+            pass
+    return 0

@@ -1,0 +1,195 @@
+"""python -m mixpert_export triton: a bundle as a standard Triton Inference Server model repository.
+
+    <out>/mixpert_trunk/        config.pbtxt, 1/model.plan | 1/model.onnx     dynamic batching over crops
+    <out>/mixpert_router/       ...                                            no batching (images x crops pool)
+    <out>/mixpert_expert_<d>/   ...  one per domain + versatile, own instance count
+    <out>/mixpert/              config.pbtxt, 1/model.py, 1/manifest.json     Python backend (BLS): per request
+                                                                               trunk -> router -> chosen expert
+
+Configs are built as Triton's ModelConfig protobuf (tritonclient ships model_config_pb2) and written as its text
+format. The `mixpert` model runs the same MixpertPipeline as every other runtime, over a backend whose infer()
+is a BLS call to the part models, so routing and batching by crops are not copied here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mixpert_train.checkpoint import staged_dir
+from mixpert_train.errors import MixpertError
+
+from . import manifest as mf
+from .serve import INPUT, MODEL
+
+PREFIX = "mixpert"
+PLATFORMS = ("auto", "tensorrt_plan", "onnxruntime_onnx", "python")
+_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
+          "int32": "TYPE_INT32", "int64": "TYPE_INT64", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
+# parts whose every input and output has crops first: Triton may batch them along that axis
+_BATCHED = lambda part: part == "trunk" or part.startswith("expert_")  # noqa: E731
+
+
+def part_model_name(part: str) -> str:
+    return f"{PREFIX}_{part}"
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise MixpertError("writing a Triton model repository needs tritonclient: pip install 'mixpert-deploy[serve]'") from None
+    return model_config_pb2, text_format
+
+
+def _platform(manifest: dict, bundle: Path, requested: str) -> str:
+    trt = manifest.get("tensorrt") or {}
+    has_plans = all("engine" in p for p in manifest["parts"].values())
+    if requested == "auto":
+        return "tensorrt_plan" if has_plans and trt.get("flavour") == "tensorrt" else "onnxruntime_onnx"
+    if requested == "tensorrt_plan":
+        if not has_plans:
+            raise MixpertError(f"{bundle / mf.NAME}: no TensorRT engines in this bundle; build them on the serving GPU: "
+                               f"{mf.rebuild_command(manifest, bundle, engines=True)}, or use --platform onnxruntime_onnx")
+        if trt.get("flavour") != "tensorrt":
+            raise MixpertError(f"{bundle / mf.NAME}: its engines are {trt.get('flavour')} {trt.get('version')}, and Triton's "
+                               "tensorrt backend loads standard TensorRT plans only; rebuild on the serving GPU with "
+                               "standard tensorrt installed (--from-onnx) or use --platform onnxruntime_onnx")
+    return requested
+
+
+def _tensor(pb, spec: dict, batched: bool):
+    shape = [-1 if isinstance(d, str) or d < 0 else int(d) for d in spec["shape"]]
+    dtype = _TYPES.get(spec["dtype"])
+    if dtype is None:
+        raise MixpertError(f"tensor {spec['name']}: dtype {spec['dtype']} has no Triton type")
+    return dict(name=spec["name"], data_type=getattr(pb, dtype), dims=shape[1:] if batched else shape)
+
+
+def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str, instances: int, max_crops: int):
+    """ModelConfig of one part. entry: the manifest part; io from the file Triton will load."""
+    io = (entry["engine"] if platform == "tensorrt_plan" else entry["onnx"])["io"]
+    batched = _BATCHED(part)
+    cfg = pb.ModelConfig(name=name, max_batch_size=max_crops if batched else 0)
+    if platform == "python":
+        cfg.backend = "python"
+        cfg.parameters["onnx_file"].string_value = "model.onnx"
+    else:
+        cfg.platform = platform
+    for t in io["inputs"]:
+        cfg.input.add(**_tensor(pb, t, batched))
+    for t in io["outputs"]:
+        cfg.output.add(**_tensor(pb, t, batched))
+    if batched and platform != "python":
+        cfg.dynamic_batching.max_queue_delay_microseconds = 100
+    group = cfg.instance_group.add(count=instances)
+    group.kind = (pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" or kind == "gpu"
+                  else pb.ModelInstanceGroup.KIND_CPU)
+    if platform == "python":
+        group.kind = pb.ModelInstanceGroup.KIND_CPU
+    return cfg
+
+
+def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int):
+    bb = mf.bundle_config(manifest).backbone
+    n = len(mf.bundle_config(manifest).domains)
+    cfg = pb.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch_size)
+    cfg.input.add(name=INPUT, data_type=pb.TYPE_STRING, dims=[1])
+    for name, dtype, dims in (("tokens", pb.TYPE_FP32, [-1, bb.tokens_per_crop, bb.llm_hidden_size]),
+                              ("expert", pb.TYPE_STRING, [1]), ("scores", pb.TYPE_FP32, [n]),
+                              ("crops", pb.TYPE_INT32, [1]), ("error", pb.TYPE_STRING, [1])):
+        cfg.output.add(name=name, data_type=dtype, dims=dims)
+    cfg.dynamic_batching.max_queue_delay_microseconds = 2000
+    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    cfg.parameters["part_models"].string_value = json.dumps({p: part_model_name(p) for p in manifest["parts"]
+                                                              if p != "single_encoder"})
+    return cfg
+
+
+def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto", kind: str = "gpu",
+                     instances: int = 1, expert_instances: dict | None = None, max_batch_size: int = 16) -> Path:
+    """Write the repository all or nothing (a temporary sibling renamed at the end). Returns `out`."""
+    pb, text_format = _pb()
+    bundle, out = Path(bundle), Path(out)
+    if platform not in PLATFORMS:
+        raise MixpertError(f"--platform {platform}: expected one of {', '.join(PLATFORMS)}")
+    manifest = mf.read_manifest(bundle)
+    platform = _platform(manifest, bundle, platform)
+    mf.verify_files(bundle, manifest, "engine" if platform == "tensorrt_plan" else "onnx")
+    expert_instances = dict(expert_instances or {})
+    unknown = set(expert_instances) - {p[len("expert_"):] for p in manifest["parts"] if p.startswith("expert_")}
+    if unknown:
+        raise MixpertError(f"--expert-instances: no expert named {', '.join(sorted(unknown))} in {bundle}")
+    here = Path(__file__).parent
+    with staged_dir(out) as tmp:
+        for part, entry in manifest["parts"].items():
+            if part == "single_encoder":  # the baseline is for benchmarks, not for serving
+                continue
+            name = part_model_name(part)
+            n = expert_instances.get(part[len("expert_"):], instances) if part.startswith("expert_") else instances
+            mcfg = part_config(pb, name, part, entry, platform, kind, n, int(manifest["max_crops"]))
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            if platform == "tensorrt_plan":
+                shutil.copyfile(bundle / entry["engine"]["file"], version / "model.plan")
+            else:
+                for f in entry["onnx"]["sha256"]:  # the graph and its external-data files, names kept
+                    shutil.copyfile(bundle / f, version / ("model.onnx" if f == entry["onnx"]["file"] else f))
+                if platform == "python":
+                    shutil.copyfile(here / "triton_part_model.py", version / "model.py")
+            (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(mcfg))
+        version = tmp / MODEL / "1"
+        version.mkdir(parents=True)
+        shutil.copyfile(here / "triton_model.py", version / "model.py")
+        (version / mf.NAME).write_text(json.dumps(manifest, indent=2))
+        (tmp / MODEL / "config.pbtxt").write_text(text_format.MessageToString(mixpert_config(pb, manifest, instances, max_batch_size)))
+    return out
+
+
+def read_config(path: str | Path):
+    """A config.pbtxt parsed as Triton's ModelConfig (raises on anything Triton would not parse)."""
+    pb, text_format = _pb()
+    return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
+
+
+def local_server(repo: str | Path, workdir: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002) -> tuple[list[str], dict]:
+    """argv and environment that run `repo` on the tritonserver binary nvidia-pytriton ships (Python backend
+    only: write the repository with --platform python). `workdir` receives the backend directory, with the
+    Python-backend stub built for this interpreter's version."""
+    import os
+    import sys
+
+    from .serve import python_backend_env
+
+    try:
+        import pytriton
+    except ImportError:
+        raise MixpertError("running a repository locally needs nvidia-pytriton: pip install 'mixpert-deploy[serve]'") from None
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    stub = dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise MixpertError(f"{stub}: nvidia-pytriton has no Python-backend stub for Python "
+                           f"{sys.version_info[0]}.{sys.version_info[1]}; use Python 3.8-3.13")
+    backends = Path(workdir) / "backends"
+    python = backends / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in (dist / "backends" / "python").iterdir():
+        if f.is_file() and not (python / f.name).exists():
+            (python / f.name).symlink_to(f)
+    if not (python / stub.name).exists():
+        (python / stub.name).symlink_to(stub)
+    env = dict(os.environ)
+    env.update(python_backend_env())
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path[1:], env.get("PYTHONPATH")]))  # the stub's imports
+    argv = [str(dist / "bin" / "tritonserver"), f"--model-repository={Path(repo).resolve()}",
+            f"--backend-directory={backends.resolve()}", f"--http-address={host}", f"--grpc-address={host}",
+            f"--metrics-address={host}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}", "--exit-on-error=true", "--strict-readiness=true",
+            f"--backend-config=python,shm-region-prefix-name=mixpert{os.getpid()}"]
+    return argv, env
