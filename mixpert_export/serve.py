@@ -50,21 +50,22 @@ class PipelineCallable:
         self.token_shape = (bb.tokens_per_crop, bb.llm_hidden_size)
         self.n_domains = len(pipeline.cfg.domains)
 
-    def _error(self, msg: str) -> dict:
-        # one zero crop, not zero crops: PyTriton's shared-memory transport cannot carry an empty tensor
-        return {"tokens": np.zeros((1, 1) + self.token_shape, np.float32),
-                "expert": np.array([[b""]], dtype=object),
-                "scores": np.full((1, self.n_domains), np.nan, np.float32),
-                "crops": np.zeros((1, 1), np.int32),
-                "error": np.array([[msg.encode()]], dtype=object)}
+    def _error(self, msg: str, n: int = 1) -> dict:
+        """n rows (the request's batch size); one zero crop each, not zero crops: PyTriton's shared-memory
+        transport cannot carry an empty tensor."""
+        return {"tokens": np.zeros((n, 1) + self.token_shape, np.float32),
+                "expert": np.full((n, 1), b"", dtype=object),
+                "scores": np.full((n, self.n_domains), np.nan, np.float32),
+                "crops": np.zeros((n, 1), np.int32),
+                "error": np.full((n, 1), msg.encode(), dtype=object)}
 
     def __call__(self, requests) -> list[dict]:
         images, owners, responses = [], [], [None] * len(requests)
         for i, req in enumerate(requests):
             x = req[INPUT]
             if x.shape != (1, 1):
-                responses[i] = self._error(f"request {i}: send one image a request (shape [1, 1], got "
-                                           f"{list(x.shape)}); Triton batches concurrent requests itself")
+                responses[i] = self._error(f"send one image a request (shape [1, 1], got {list(x.shape)}); "
+                                           "Triton batches concurrent requests itself", max(len(x), 1))
                 continue
             data = x[0, 0]
             images.append(bytes(data) if isinstance(data, (bytes, bytearray, np.bytes_)) else str(data).encode())
