@@ -66,10 +66,11 @@ class MixpertPipeline:
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
 
     @classmethod
-    def from_engines(cls, bundle: str | Path, runtime: str = "auto", device: str | None = None, model=None, **routing):
+    def from_engines(cls, bundle: str | Path, runtime: str = "auto", device: str | None = None, model=None,
+                     backend_options: dict | None = None, **routing):
         bundle = Path(bundle)
         manifest = mf.read_manifest(bundle)
-        return cls(create_backend(runtime, bundle, manifest, device, model), manifest, **routing)
+        return cls(create_backend(runtime, bundle, manifest, device, model, **(backend_options or {})), manifest, **routing)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, images: Sequence) -> list[ImageResult]:
@@ -128,14 +129,11 @@ class MixpertPipeline:
         starts = np.concatenate([[0], np.cumsum(counts)])
         unit_crops = ([np.arange(starts[i], starts[i + 1]) for i in range(len(counts))] if not self.per_crop
                       else [np.array([c]) for c in range(len(pixels))])
-        out = None  # [N_crops, T, D_llm] on the host, filled group by group
-        for expert in dict.fromkeys(names):  # first-use order: deterministic
-            idx = np.concatenate([unit_crops[u] for u, n in enumerate(names) if n == expert])
-            group = be.to_host(be.infer(f"expert_{expert}", {"hidden": be.take(hidden, idx)})["tokens"])
-            self._count(f"expert_{expert}")
-            if out is None:
-                out = np.empty((len(pixels),) + group.shape[1:], dtype=group.dtype)
-            out[idx] = group
+        groups = [(f"expert_{expert}", np.concatenate([unit_crops[u] for u, n in enumerate(names) if n == expert]))
+                  for expert in dict.fromkeys(names)]  # first-use order: deterministic
+        out = be.run_experts(hidden, groups, len(pixels))  # [N_crops, T, D_llm] on the host
+        for part, _ in groups:
+            self._count(part)
         be.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         margin = margins(scores)

@@ -18,17 +18,18 @@ def pick_runtime(manifest: dict) -> str:
     return "onnxruntime"
 
 
-def create_backend(runtime: str, bundle: Path, manifest: dict, device: str | None = None, model=None):
+def create_backend(runtime: str, bundle: Path, manifest: dict, device: str | None = None, model=None, **options):
+    """options go to the backend: torch takes static, graphs, compile, streams, buckets."""
     if runtime == "auto":
         runtime = pick_runtime(manifest)
     if runtime == "torch":
         from .torch import TorchBackend
 
-        return TorchBackend(device or "cpu", model=model).load(bundle, manifest)
+        return TorchBackend(device or "cpu", model=model, **options).load(bundle, manifest)
     if runtime == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(device or "cpu").load(bundle, manifest)
+        return OnnxRuntimeBackend(device or "cpu", **options).load(bundle, manifest)
     if runtime == "tensorrt":
         from .tensorrt import TensorRTBackend
 

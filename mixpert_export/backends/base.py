@@ -38,5 +38,16 @@ class Backend(ABC):
         """Rows `index` of x (an expert's group of crops), without leaving the device."""
         return x[index]
 
+    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
+        """Each (part, crop indices) group through its expert, once; tokens [n, ...] on the host in crop order.
+        This default gathers, infers and scatters group after group; a backend may do all of it on the device."""
+        out = None
+        for part, idx in groups:
+            group = self.to_host(self.infer(part, {"hidden": self.take(hidden, idx)})["tokens"])
+            if out is None:
+                out = np.empty((n,) + group.shape[1:], dtype=group.dtype)
+            out[idx] = group
+        return out
+
     def synchronize(self) -> None:
         """Wait for queued device work (timing); nothing to wait for on CPU."""

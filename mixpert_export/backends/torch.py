@@ -1,5 +1,11 @@
 """torch backend: the reference. The same part modules that were exported, rebuilt from the bundle's source
-(checkpoint, snapshot, or random-init seed). fp32 on CPU; the bundle's precision on CUDA."""
+(checkpoint, snapshot, or random-init seed). fp32 on CPU; the bundle's precision on CUDA.
+
+On CUDA it runs the fast path by default (cuda_graphs.StaticParts): parts bucketed by crop count over
+preallocated buffers, one CUDA graph per part and bucket captured on first use, the experts' gathers and
+scatters inside their graphs, optionally expert groups on `streams` concurrent streams, and optionally the
+parts compiled with torch.compile first (`compile=True`). static=True without graphs runs the same bucketed
+code eagerly (CPU tests)."""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mixpert_train.errors import MixpertError
 
 from .. import manifest as mf
 from ..onnx_export import PRECISIONS, lowered, part_module, part_specs
@@ -17,9 +25,17 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "cpu", model=None):
+    def __init__(self, device: str = "cpu", model=None, static: bool | None = None, graphs: bool | None = None,
+                 compile: bool = False, streams: int = 1, buckets=None):
         self.device = torch.device(device)
         self.model = model  # an in-memory MixpertVision skips reloading the source
+        cuda = self.device.type == "cuda"
+        self.graphs = cuda if graphs is None else bool(graphs)
+        if self.graphs and not cuda:
+            raise MixpertError("CUDA graphs need --device cuda")
+        self.static_mode = cuda if static is None else bool(static) or self.graphs
+        self.compile, self.streams, self.buckets = compile, streams, buckets
+        self.static = None
 
     def load(self, bundle: Path, manifest: dict) -> "TorchBackend":
         cfg = mf.bundle_config(manifest)
@@ -28,31 +44,66 @@ class TorchBackend(Backend):
         model = lowered(model, self.precision).to(self.device)
         self.parts = {s.name: part_module(model, s, self.precision) for s in part_specs(cfg, self.precision)}
         self.specs = {s.name: s for s in part_specs(cfg, self.precision)}
+        if self.compile:  # static shapes per bucket: compile once per part and bucket, graphs captured after
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.parts = {k: torch.compile(m, mode="max-autotune-no-cudagraphs", dynamic=False)
+                          for k, m in self.parts.items()}
+        if self.static_mode:
+            from ..cuda_graphs import StaticParts
+
+            spec = {s.name: s for s in part_specs(cfg, self.precision)}
+            shape = lambda t: tuple(int(d) for d in t.shape[1:])  # noqa: E731
+            self.static = StaticParts(
+                {k: v for k, v in self.parts.items() if k != "single_encoder"}, int(manifest["max_crops"]),
+                shape(spec["trunk"].inputs[0]), shape(spec["trunk"].outputs[0]),
+                shape(spec[f"expert_{cfg.experts[0]}"].outputs[0]), PRECISIONS[self.precision], self.device,
+                graphs=self.graphs, buckets=self.buckets, streams=self.streams)
         return self
 
     def from_host(self, x: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_host(self, x) -> np.ndarray:
-        return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        """A host copy that owns its memory (a CPU tensor may be a view of a static buffer reused next call)."""
+        if not isinstance(x, torch.Tensor):
+            return np.asarray(x)
+        t = x.detach().float().cpu()
+        return (t.clone() if t.data_ptr() == x.data_ptr() else t).numpy()
 
     def take(self, x, index: np.ndarray):
         return x.index_select(0, torch.as_tensor(index, device=x.device))
 
     @torch.inference_mode()
     def infer(self, part: str, feeds: dict) -> dict:
+        if self.static is not None and part in ("trunk", "router"):
+            args = self._args(part, feeds)
+            out = self.static.trunk(*args) if part == "trunk" else self.static.router(*args)
+            return {self.specs[part].outputs[0].name: out}
+        out = self.parts[part](*self._args(part, feeds))
+        return {self.specs[part].outputs[0].name: out}
+
+    @torch.inference_mode()
+    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
+        if self.static is None:
+            return super().run_experts(hidden, groups, n)
+        return self.to_host(self.static.experts(hidden, groups))  # one copy to the host for all groups
+
+    def _args(self, part: str, feeds: dict) -> list:
         spec = self.specs[part]
         args = []
         for t in spec.inputs:
             x = feeds[t.name]
             x = x if isinstance(x, torch.Tensor) else self.from_host(x)
             args.append(x.to(torch.float32 if t.dtype == "float32" else PRECISIONS[self.precision]))
-        out = self.parts[part](*args)
-        return {spec.outputs[0].name: out}
+        return args
 
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def describe(self) -> dict:
-        return {"runtime": "torch", "version": torch.__version__, "device": str(self.device), "precision": self.precision}
+        return {"runtime": "torch", "version": torch.__version__, "device": str(self.device), "precision": self.precision,
+                "static": self.static is not None, "cuda_graphs": self.graphs, "compile": self.compile,
+                "streams": self.streams, "buckets": list(self.static.buckets) if self.static else None}
