@@ -9,7 +9,7 @@ Cases, same inputs, interleaved rounds (order rotated each round), warm-up first
   c  Mixpert pipeline, a mixed batch: image i -> domain i%5 (trunk, router, min(B,5) experts)
   d  two full encoders per image (the multi-encoder design of the paper's Fig. 1(b))
   e  dense mixture: every expert on every image             (what routing saves)
-  f  bare parts: trunk, router, one expert called directly  (b/f = the orchestrator's own overhead)
+  f  bare parts: trunk, router, one expert on all crops, no routing or grouping  (b/f = the orchestrator's overhead)
 Ratios b/a, c/a, d/a, e/a are taken per round and reported as median [min, max]. Absolute times are context only.
 Every case ends with its tokens on the host, as the pipeline's do.
 """
@@ -73,15 +73,17 @@ def cases(pipe: MixpertPipeline, batch: int, crops: int, seed: int = 0) -> dict:
     def single():
         return be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(pixels)})["tokens"])
 
+    every = np.arange(len(pixels))
+
     def dense():
         h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
         be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return [be.to_host(be.infer(f"expert_{e}", {"hidden": h})["tokens"]) for e in cfg.experts]
+        return [be.run_experts(h, [(f"expert_{e}", every)], len(every)) for e in cfg.experts]
 
-    def bare():
+    def bare():  # the backend's own expert path (graphs where it has them), no routing or grouping
         h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
         be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return be.to_host(be.infer(f"expert_{cfg.domains[0]}", {"hidden": h})["tokens"])
+        return be.run_experts(h, [(f"expert_{cfg.domains[0]}", every)], len(every))
 
     return {
         "f_bare_parts": bare,
@@ -229,12 +231,17 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch on CUDA: CUDA graphs per part and crop bucket (default on with --device cuda)")
+    ap.add_argument("--compile", action="store_true", help="torch: torch.compile the parts (and the baseline)")
+    ap.add_argument("--streams", type=int, default=1, help="torch on CUDA: expert groups on this many streams")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--baseline", help="results JSON to gate against")
     ap.add_argument("--max-regression", default="5%", help="allowed growth of b/a and c/a over the baseline")
     a = ap.parse_args(argv)
     bundle = ensure_bundle(a)
-    pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device)
+    options = ({"graphs": a.graphs, "compile": a.compile, "streams": a.streams} if a.runtime == "torch" else {})
+    pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device, backend_options=options)
     report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
               "device": device_name(pipe.backend), "backend": pipe.backend.describe(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
@@ -251,7 +258,9 @@ def main(argv=None) -> int:
     print("\n" + md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"latency_{slug(report['device'])}_{a.runtime}_{report['backbone']}_{report['precision']}"
+    variant = "".join(f"_{k}" for k in ("cuda_graphs", "compile") if report["backend"].get(k))
+    variant += f"_streams{a.streams}" if a.runtime == "torch" and a.streams > 1 else ""
+    stem = f"latency_{slug(report['device'])}_{a.runtime}_{report['backbone']}_{report['precision']}{variant}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(md)
     plot(report, out / f"{stem}.png")

@@ -135,13 +135,23 @@ class StaticParts:
         return n
 
     # ------------------------------------------------------------------------------------------ parts
-    def trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _stage_pixels(self, pixels: torch.Tensor) -> tuple[int, int, torch.Tensor]:
         n = len(pixels)
         b = bucket_of(n, self.buckets)
         buf = self.pixels[b]
         buf[:n].copy_(pixels)
         if n < b:
             buf[n:].zero_()
+        return n, b, buf
+
+    def single(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The unsplit single encoder (the benchmarks' baseline) through the same buckets and graphs."""
+        n, b, buf = self._stage_pixels(pixels)
+        return self._runner(("single_encoder", b), lambda buf=buf: self.modules["single_encoder"](buf),
+                            "single_encoder").run()[:n]
+
+    def trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        n, b, buf = self._stage_pixels(pixels)
 
         def fn(b=b, buf=buf):
             self.hidden[:b].copy_(self.modules["trunk"](buf))
@@ -163,11 +173,14 @@ class StaticParts:
 
         return self._runner(("router", b), fn, "trunk_router").run()[:images]
 
-    def _index(self, part: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, part: str, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static gather / scatter indices and the gathered rows of one expert's group bucket: fixed addresses,
+        so a graph (torch's, or ONNX Runtime's own) replays on them."""
         key = (part, g)
         if key not in self.index_bufs:
             z = dict(dtype=torch.int64, device=self.device)
-            self.index_bufs[key] = (torch.zeros(g, **z), torch.full((g,), self.max_crops, **z))
+            rows = torch.zeros((g,) + tuple(self.hidden.shape[1:]), dtype=self.hidden.dtype, device=self.device)
+            self.index_bufs[key] = (torch.zeros(g, **z), torch.full((g,), self.max_crops, **z), rows)
         return self.index_bufs[key]
 
     def experts(self, hidden: torch.Tensor, groups: Sequence[tuple[str, np.ndarray]]) -> torch.Tensor:
@@ -176,13 +189,13 @@ class StaticParts:
         plan = []
         for part, idx in groups:
             g = bucket_of(len(idx), self.buckets)
-            src, dst = self._index(part, g)
+            src, dst, rows = self._index(part, g)
             src.copy_(torch.from_numpy(padded_index(idx, g, 0)))  # padded gathers read row 0
             dst.copy_(torch.from_numpy(padded_index(idx, g, self.max_crops)))  # padded scatters hit the dump row
 
-            def fn(part=part, src=src, dst=dst):
-                y = self.modules[part](self.hidden.index_select(0, src))
-                return self.tokens.index_copy_(0, dst, y)
+            def fn(part=part, src=src, dst=dst, rows=rows):
+                torch.index_select(self.hidden, 0, src, out=rows)
+                return self.tokens.index_copy_(0, dst, self.modules[part](rows))
 
             plan.append(self._runner((part, g), fn, part))  # one pool per expert: groups may overlap in time
         if self.streams:

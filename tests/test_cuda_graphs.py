@@ -147,3 +147,45 @@ def test_half_precision_cuda_cosine_and_routing(bundle, pipes, tmp_path, precisi
         assert a.expert == b.expert
         x, y = a.tokens.astype(np.float64).ravel(), b.tokens.astype(np.float64).ravel()
         assert x @ y / np.linalg.norm(x) / np.linalg.norm(y) >= 0.999
+
+
+def test_onnxruntime_static_bound_path_equals_plain_on_cpu(bundle, pipes):  # noqa: F811
+    """ONNX Runtime through the static buffers and fixed-address IOBinding (the CUDA-graph path's binding code,
+    on the CPU EP): equal to the plain ONNX Runtime pipeline, and every call of one shape reuses one binding."""
+    from mixpert_export.backends.onnxruntime import OnnxRuntimeBackend
+
+    plain = pipes["onnxruntime"]
+    be = OnnxRuntimeBackend("cpu", static=True).load(bundle, plain.manifest)
+    static = MixpertPipeline(be, plain.manifest, strategy="direct")
+    imgs = images()
+    for _ in range(2):
+        for a, b in zip(static(imgs), plain(imgs)):
+            assert a.ok and b.ok and a.expert == b.expert
+            np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-5, rtol=0)
+    bound = {k: len(m.bound) for k, m in be.static.modules.items()}
+    calls = dict(static.stats.launches)
+    assert bound["trunk"] < calls["trunk"]  # the second pass bound nothing new
+    # the baseline through the same buckets
+    px = np.concatenate([static.preprocess(im) for im in imgs[:2]])
+    got = be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(px)})["tokens"])
+    want = plain.backend.infer("single_encoder", {"pixel_values": px})["tokens"]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(MixpertError, match="need --device cuda"):
+        OnnxRuntimeBackend("cpu", cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_static_graphs_equal_cpu(bundle, pipes):  # noqa: F811
+    _need_cuda()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu not installed on this GPU machine")
+    m = pipes["onnxruntime"].manifest
+    gpu = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", device="cuda", strategy="direct")
+    assert gpu.backend.describe()["static"] and gpu.backend.describe()["cuda_graphs"]
+    imgs = images()
+    for _ in range(3):  # capture, then replays
+        for a, b in zip(gpu(imgs), pipes["onnxruntime"](imgs)):
+            assert a.expert == b.expert
+            assert np.abs(a.tokens - b.tokens).max() <= 1e-3

@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: one InferenceSession per part (CPU EP here; CUDA EP where onnxruntime-gpu is installed)."""
+"""ONNX Runtime backend: one InferenceSession per part (CPU EP here; CUDA EP where onnxruntime-gpu is installed).
+
+On CUDA the fast path is the default (static=True): the parts run through cuda_graphs.StaticParts, bucketed by
+crop count over preallocated torch buffers bound with IOBinding at fixed addresses, the experts' gathers and
+scatters on the device, and the CUDA EP's own CUDA graphs (enable_cuda_graph, one gpu_graph_id per part and
+shape), which need exactly those fixed addresses. static=True on CPU runs the same binding code (CPU tests)."""
 
 from __future__ import annotations
 
@@ -19,20 +24,39 @@ _NP = {"float32": np.float32, "float16": np.float16}
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, device: str = "cpu", threads: int | None = None):
+    def __init__(self, device: str = "cpu", threads: int | None = None, static: bool | None = None,
+                 cuda_graphs: bool | None = None, buckets=None):
         self.device = device
         self.threads = threads
+        self.static_mode = (device == "cuda") if static is None else bool(static)
+        self.cuda_graphs = (device == "cuda" and self.static_mode) if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and (device != "cuda" or not self.static_mode):
+            raise MixpertError("ONNX Runtime CUDA graphs need --device cuda and the static path")
+        self.buckets = buckets
+        self.static = None
+        self.no_graph: dict[str, str] = {}  # part -> why the CUDA EP could not take a graph of it
         self.sessions: dict[str, ort.InferenceSession] = {}
         self.input_dtypes: dict[str, dict[str, type]] = {}
         self.inputs: dict[str, list] = {}
         self.outputs: dict[str, list] = {}
 
-    def providers(self) -> list[str]:
+    def providers(self, graphs: bool = False) -> list:
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise MixpertError("--device cuda: this onnxruntime has no CUDAExecutionProvider; pip install onnxruntime-gpu")
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if graphs else "CUDAExecutionProvider"
+            return [cuda, "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
+
+    def _session(self, path: Path, opts, name: str):
+        """With CUDA graphs requested, a part whose nodes do not all land on the CUDA EP cannot be captured: it
+        runs without graphs, and describe() says which."""
+        if self.cuda_graphs:
+            try:
+                return ort.InferenceSession(str(path), opts, providers=self.providers(graphs=True))
+            except Exception as e:  # noqa: BLE001 - ORT's own error types
+                self.no_graph[name] = str(e).splitlines()[0][:160]
+        return ort.InferenceSession(str(path), opts, providers=self.providers())
 
     def load(self, bundle: Path, manifest: dict) -> "OnnxRuntimeBackend":
         if manifest["precision"] == "bf16" and self.device == "cpu":
@@ -47,27 +71,55 @@ class OnnxRuntimeBackend(Backend):
         for name, part in manifest["parts"].items():
             path = bundle / part["onnx"]["file"]
             try:
-                sess = ort.InferenceSession(str(path), opts, providers=self.providers())
+                sess = self._session(path, opts, name)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise MixpertError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                    f"rebuild: {mf.rebuild_command(manifest, bundle)}") from None
             self.sessions[name] = sess
             self.input_dtypes[name] = {t["name"]: _NP.get(t["dtype"], np.float32) for t in part["onnx"]["io"]["inputs"]}
             self.inputs[name], self.outputs[name] = part["spec"]["inputs"], part["spec"]["outputs"]
+        if self.static_mode:
+            self._load_static(manifest)
         return self
+
+    def _load_static(self, manifest: dict):
+        import torch
+
+        from ..cuda_graphs import StaticParts
+
+        cfg = mf.bundle_config(manifest)
+        parts = manifest["parts"]
+        shape = lambda t: tuple(int(d) for d in t["shape"][1:])  # noqa: E731
+        trunk_out = parts["trunk"]["onnx"]["io"]["outputs"][0]
+        expert_out = parts[f"expert_{cfg.experts[0]}"]["onnx"]["io"]["outputs"][0]
+        if trunk_out["dtype"] != expert_out["dtype"] or trunk_out["dtype"] not in _TORCH:
+            raise MixpertError(f"static path: hidden {trunk_out['dtype']} and tokens {expert_out['dtype']} differ; "
+                               "run with static=False")
+        modules = {name: _BoundPart(self.sessions[name], self.inputs[name], self.outputs[name], self.input_dtypes[name],
+                                    self.device, graphs=self.cuda_graphs and name not in self.no_graph)
+                   for name in self.sessions}
+        self.static = StaticParts(modules, int(manifest["max_crops"]), shape(parts["trunk"]["onnx"]["io"]["inputs"][0]),
+                                  shape(trunk_out), shape(expert_out), _TORCH[trunk_out["dtype"]], self.device,
+                                  graphs=False, buckets=self.buckets)  # ONNX Runtime captures its own graphs
 
     # --- CUDA: IOBinding on torch CUDA tensors, so the trunk's output stays on the device between parts ---
     def from_host(self, x: np.ndarray):
-        if self.device != "cuda":
+        if self.device != "cuda" and self.static is None:
             return x
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x)).to("cuda")
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_host(self, x) -> np.ndarray:
-        if self.device == "cuda" and not isinstance(x, np.ndarray):
-            return x.float().cpu().numpy()
-        return np.asarray(x)
+        if isinstance(x, np.ndarray):
+            return x
+        t = x.detach().float().cpu()  # a host copy that owns its memory: x may be a static buffer
+        return (t.clone() if t.data_ptr() == x.data_ptr() else t).numpy()
+
+    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
+        if self.static is None:
+            return super().run_experts(hidden, groups, n)
+        return self.to_host(self.static.experts(hidden, groups))
 
     def take(self, x, index: np.ndarray):
         if self.device == "cuda":
@@ -110,6 +162,9 @@ class OnnxRuntimeBackend(Backend):
         return outputs
 
     def infer(self, part: str, feeds: dict) -> dict:
+        if self.static is not None and part in ("trunk", "router", "single_encoder"):
+            args = [feeds[t["name"]] for t in self.inputs[part]]
+            return {self.outputs[part][0]["name"]: getattr(self.static, part.split("_")[0])(*args)}
         if self.device == "cuda":
             return self._infer_bound(part, feeds)
         sess = self.sessions[part]
@@ -119,4 +174,55 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict:
         return {"runtime": "onnxruntime", "version": ort.__version__, "device": self.device,
-                "providers": self.providers(), "precision": getattr(self, "precision", None)}
+                "providers": [p if isinstance(p, str) else p[0] for p in self.providers()],
+                "precision": getattr(self, "precision", None), "static": self.static is not None,
+                "cuda_graphs": self.cuda_graphs, **({"no_cuda_graph": self.no_graph} if self.no_graph else {})}
+
+
+_TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+_TORCH = {}
+try:  # torch is there wherever the static path runs (it holds the buffers)
+    import torch as _t
+
+    _TORCH = {k: getattr(_t, v) for k, v in _TORCH_NAMES.items()}
+except ImportError:  # pragma: no cover
+    pass
+
+
+class _BoundPart:
+    """One session called on torch tensors through IOBinding. The output buffer and the binding are kept per
+    input shape, so every call of a shape binds the same addresses: the CUDA EP's graph for that shape
+    (gpu_graph_id) replays on them. The caller (StaticParts) passes buffers of fixed address per shape."""
+
+    def __init__(self, session, inputs, outputs, input_dtypes, device: str, graphs: bool):
+        self.session, self.inputs, self.outputs = session, inputs, outputs
+        self.input_dtypes, self.device, self.graphs = input_dtypes, device, graphs
+        self.bound: dict[tuple, tuple] = {}  # input pointers and shapes -> (binding, output tensor, run options)
+
+    def __call__(self, *xs):
+        import torch
+
+        key = tuple((x.data_ptr(), tuple(x.shape)) for x in xs)
+        entry = self.bound.get(key)
+        if entry is None:
+            binding = self.session.io_binding()
+            axes = {}
+            for t, x in zip(self.inputs, xs):
+                want = self.input_dtypes[t["name"]]
+                if x.dtype != _TORCH[np.dtype(want).name] or not x.is_contiguous():
+                    raise MixpertError(f"{t['name']}: static buffer is {x.dtype}, the graph takes {np.dtype(want).name}")
+                binding.bind_input(t["name"], self.device, 0, want, tuple(x.shape), x.data_ptr())
+                axes |= {d: x.shape[i] for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+            o = self.outputs[0]
+            shape = tuple(axes[d] if isinstance(d, str) else d for d in o["shape"])
+            out = torch.empty(shape, dtype=_TORCH[o["dtype"]], device=self.device)
+            binding.bind_output(o["name"], self.device, 0, _NP.get(o["dtype"], np.float32), shape, out.data_ptr())
+            options = ort.RunOptions()
+            if self.graphs:
+                options.add_run_config_entry("gpu_graph_id", str(len(self.bound) + 1))  # 0 is reserved, -1 = off
+            entry = self.bound[key] = (binding, out, options)
+        binding, out, options = entry
+        if self.device == "cuda":  # the buffers were filled on torch's stream; ONNX Runtime runs on its own
+            torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding, options)
+        return out

@@ -56,7 +56,7 @@ class TorchBackend(Backend):
             spec = {s.name: s for s in part_specs(cfg, self.precision)}
             shape = lambda t: tuple(int(d) for d in t.shape[1:])  # noqa: E731
             self.static = StaticParts(
-                {k: v for k, v in self.parts.items() if k != "single_encoder"}, int(manifest["max_crops"]),
+                self.parts, int(manifest["max_crops"]),
                 shape(spec["trunk"].inputs[0]), shape(spec["trunk"].outputs[0]),
                 shape(spec[f"expert_{cfg.experts[0]}"].outputs[0]), PRECISIONS[self.precision], self.device,
                 graphs=self.graphs, buckets=self.buckets, streams=self.streams)
@@ -77,9 +77,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def infer(self, part: str, feeds: dict) -> dict:
-        if self.static is not None and part in ("trunk", "router"):
-            args = self._args(part, feeds)
-            out = self.static.trunk(*args) if part == "trunk" else self.static.router(*args)
+        if self.static is not None and part in ("trunk", "router", "single_encoder"):
+            out = getattr(self.static, part.split("_")[0])(*self._args(part, feeds))
             return {self.specs[part].outputs[0].name: out}
         out = self.parts[part](*self._args(part, feeds))
         return {self.specs[part].outputs[0].name: out}
