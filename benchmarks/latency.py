@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch on CUDA: CUDA graphs per part and crop bucket (default on with --device cuda)")
+                    help="CUDA graphs per part and crop bucket, torch or ONNX Runtime's CUDA EP (default on with --device cuda)")
     ap.add_argument("--compile", action="store_true", help="torch: torch.compile the parts (and the baseline)")
     ap.add_argument("--streams", type=int, default=1, help="torch on CUDA: expert groups on this many streams")
     ap.add_argument("--out", default="benchmarks/results")
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regression", default="5%", help="allowed growth of b/a and c/a over the baseline")
     a = ap.parse_args(argv)
     bundle = ensure_bundle(a)
-    options = ({"graphs": a.graphs, "compile": a.compile, "streams": a.streams} if a.runtime == "torch" else {})
+    options = {"torch": {"graphs": a.graphs, "compile": a.compile, "streams": a.streams},
+               "onnxruntime": {"cuda_graphs": a.graphs} if a.device == "cuda" else {}}.get(a.runtime, {})
     pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device, backend_options=options)
     report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
               "device": device_name(pipe.backend), "backend": pipe.backend.describe(),

@@ -25,7 +25,9 @@ import torch
 
 from mixpert_train.errors import MixpertError
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 10, 16, 24, 32, 40)  # 1 and 10 crops (1 image; 1 anyres image) are common sizes
+# 1 and 10 crops (a plain image; one anyres image) are common sizes; then about 1.25-1.5x apart, so padding
+# wastes at most a third of a call
+DEFAULT_BUCKETS = (1, 2, 4, 8, 10, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
 
 
 def crop_buckets(max_crops: int, base: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:

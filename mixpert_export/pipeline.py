@@ -7,6 +7,8 @@ the host. A bad image becomes an error in its own result and never stops the res
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,7 @@ class MixpertPipeline:
         self.max_crops = int(manifest["max_crops"])
         self.preprocess = Preprocessor(self.cfg.backbone)
         self.stats = PipelineStats()
+        self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
 
     @classmethod
@@ -115,6 +118,10 @@ class MixpertPipeline:
         """One call: trunk once, router once, each used expert once, scatter back. Fills the results.
         `experts` (one name per routing unit) overrides route()'s choice, for benchmarks of given mixes:
         the router still runs and its scores are still read."""
+        with self._serial:  # static buffers (CUDA-graph path) hold one call at a time
+            self._run_crops(batch, experts)
+
+    def _run_crops(self, batch, experts) -> None:
         be = self.backend
         t0 = time.perf_counter()
         counts = [len(px) for _, px in batch]

@@ -189,3 +189,27 @@ def test_onnxruntime_cuda_static_graphs_equal_cpu(bundle, pipes):  # noqa: F811
         for a, b in zip(gpu(imgs), pipes["onnxruntime"](imgs)):
             assert a.expert == b.expert
             assert np.abs(a.tokens - b.tokens).max() <= 1e-3
+
+
+def test_static_pipeline_shared_by_threads_runs_calls_one_at_a_time(bundle, pipes):  # noqa: F811
+    import threading
+
+    from mixpert_export.backends.onnxruntime import OnnxRuntimeBackend
+
+    m = pipes["onnxruntime"].manifest
+    pipe = MixpertPipeline(OnnxRuntimeBackend("cpu", static=True).load(bundle, m), m, strategy="direct")
+    assert pipe.backend.serial and not pipes["onnxruntime"].backend.serial
+    imgs = images()
+    want = pipes["onnxruntime"](imgs)
+    got = [None] * 4
+
+    def work(i):
+        got[i] = pipe(imgs[i:] + imgs[:i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i, res in enumerate(got):
+        for r, j in zip(res, list(range(len(imgs)))[i:] + list(range(len(imgs)))[:i]):
+            assert r.expert == want[j].expert
+            np.testing.assert_allclose(r.tokens, want[j].tokens, atol=1e-5, rtol=0)

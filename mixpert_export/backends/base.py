@@ -15,6 +15,12 @@ import numpy as np
 class Backend(ABC):
     name: str = "?"
 
+    @property
+    def serial(self) -> bool:
+        """True when calls share preallocated buffers (the static / CUDA-graph path): the pipeline then runs
+        one call at a time."""
+        return getattr(self, "static", None) is not None
+
     @abstractmethod
     def load(self, bundle: Path, manifest: dict) -> "Backend":
         """Open every part of the bundle; raise MixpertError naming the file when it cannot."""
