@@ -202,6 +202,21 @@ def regressions(report: dict, baseline: dict, max_regression: float) -> list[str
     return bad
 
 
+GATE_KEYS = ("device", "runtime", "backbone", "precision")
+
+
+def gate_mismatch(report: dict, baseline: dict) -> str | None:
+    """Why this run cannot be gated against `baseline` (another device, runtime, backbone or precision, or no
+    (batch, crops) point in common), or None. Ratios from different machines are not comparable."""
+    for k in GATE_KEYS:
+        if k in baseline and baseline[k] != report.get(k):
+            return f"the baseline was measured with {k} {baseline[k]!r}, this run has {report.get(k)!r}"
+    common = {(r["batch"], r["crops"]) for r in report["results"]} & {(r["batch"], r["crops"]) for r in baseline["results"]}
+    if not common:
+        return "no (batch, crops) point in common with the baseline: nothing would be compared"
+    return None
+
+
 def _percent(text: str) -> float:
     return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
 
@@ -267,7 +282,12 @@ def main(argv=None) -> int:
     plot(report, out / f"{stem}.png")
     print(f"written: {out / stem}.{{md,json,png}}")
     if a.baseline:
-        bad = regressions(report, json.loads(Path(a.baseline).read_text()), _percent(a.max_regression))
+        baseline = json.loads(Path(a.baseline).read_text())
+        why = gate_mismatch(report, baseline)
+        if why:
+            print(f"error: {a.baseline}: {why}; measure a baseline on this setup (run without --baseline)", file=sys.stderr)
+            return 2
+        bad = regressions(report, baseline, _percent(a.max_regression))
         for line in bad:
             print(f"REGRESSION {line}", file=sys.stderr)
         if bad:

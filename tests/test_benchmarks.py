@@ -68,6 +68,12 @@ def test_regression_gate_logic():
     assert len(bad) == 1 and bad[0].startswith("b_one_domain at 1x1: 1.070 > 1.010")
     assert latency.regressions({"results": [{"batch": 9, "crops": 9, "ratios": {}}]}, base, 0.05) == []
     assert latency._percent("5%") == pytest.approx(0.05) and latency._percent("0.1") == 0.1
+    run = _report(1.0, 1.0) | {"device": "NVIDIA H100 80GB HBM3", "runtime": "torch", "precision": "bf16"}
+    assert latency.gate_mismatch(run, run) is None
+    assert "device 'NVIDIA H200'" in latency.gate_mismatch(run, run | {"device": "NVIDIA H200"})
+    assert "precision 'fp16'" in latency.gate_mismatch(run, run | {"precision": "fp16"})
+    assert "nothing would be compared" in latency.gate_mismatch(
+        run, run | {"results": [{"batch": 16, "crops": 10, "ratios": {}}]})
 
 
 def test_gate_exits_non_zero_on_regression(tmp_path, monkeypatch):
