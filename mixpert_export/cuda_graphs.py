@@ -102,13 +102,13 @@ class StaticParts:
         z = dict(device=self.device)
         self.hidden = torch.zeros((self.max_crops,) + tuple(hidden_shape), dtype=dtype, **z)
         self.tokens = torch.zeros((self.max_crops + 1,) + tuple(token_shape), dtype=dtype, **z)  # last row: dump
-        self.pixels = {b: torch.zeros((b,) + tuple(pixel_shape), dtype=torch.float32, **z) for b in self.buckets}
+        self.pixels = torch.zeros((self.max_crops,) + tuple(pixel_shape), dtype=torch.float32, **z)  # [:b] per bucket
         self.pool = {b: torch.zeros((b, b), dtype=torch.float32, **z) for b in self.buckets}
         self.runners: dict[tuple, StaticRunner] = {}
         self.mem_pools: dict[str, object] = {}
         self.n_streams = max(1, int(streams)) if graphs else 1
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(self.n_streams)] if self.n_streams > 1 else []
-        self.index_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.index_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.captures = 0
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -140,7 +140,7 @@ class StaticParts:
     def _stage_pixels(self, pixels: torch.Tensor) -> tuple[int, int, torch.Tensor]:
         n = len(pixels)
         b = bucket_of(n, self.buckets)
-        buf = self.pixels[b]
+        buf = self.pixels[:b]  # a contiguous view: the same address for every call of bucket b
         buf[:n].copy_(pixels)
         if n < b:
             buf[n:].zero_()
