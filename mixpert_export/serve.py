@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mixpert_train.errors import MixpertError
-
 MODEL = "mixpert"
 INPUT = "image"
 OUTPUTS = ("tokens", "expert", "scores", "crops", "error")

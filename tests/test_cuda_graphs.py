@@ -11,7 +11,7 @@ from mixpert_export.cuda_graphs import assign_streams, bucket_of, crop_buckets, 
 from mixpert_export.pipeline import MixpertPipeline
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import DOMAINS, VERSATILE
-from test_pipeline import bundle, decisive_model, images, pipes  # noqa: F401 (fixtures)
+from test_pipeline import bundle, images, pipes  # noqa: F401 (fixtures)
 
 
 def test_buckets_and_padding():
@@ -181,7 +181,6 @@ def test_onnxruntime_cuda_static_graphs_equal_cpu(bundle, pipes):  # noqa: F811
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu not installed on this GPU machine")
-    m = pipes["onnxruntime"].manifest
     gpu = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", device="cuda", strategy="direct")
     assert gpu.backend.describe()["static"] and gpu.backend.describe()["cuda_graphs"]
     imgs = images()

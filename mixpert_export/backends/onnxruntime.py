@@ -83,8 +83,6 @@ class OnnxRuntimeBackend(Backend):
         return self
 
     def _load_static(self, manifest: dict):
-        import torch
-
         from ..cuda_graphs import StaticParts
 
         cfg = mf.bundle_config(manifest)
@@ -92,14 +90,14 @@ class OnnxRuntimeBackend(Backend):
         shape = lambda t: tuple(int(d) for d in t["shape"][1:])  # noqa: E731
         trunk_out = parts["trunk"]["onnx"]["io"]["outputs"][0]
         expert_out = parts[f"expert_{cfg.experts[0]}"]["onnx"]["io"]["outputs"][0]
-        if trunk_out["dtype"] != expert_out["dtype"] or trunk_out["dtype"] not in _TORCH:
+        if trunk_out["dtype"] != expert_out["dtype"]:
             raise MixpertError(f"static path: hidden {trunk_out['dtype']} and tokens {expert_out['dtype']} differ; "
                                "run with static=False")
         modules = {name: _BoundPart(self.sessions[name], self.inputs[name], self.outputs[name], self.input_dtypes[name],
                                     self.device, graphs=self.cuda_graphs and name not in self.no_graph)
                    for name in self.sessions}
         self.static = StaticParts(modules, int(manifest["max_crops"]), shape(parts["trunk"]["onnx"]["io"]["inputs"][0]),
-                                  shape(trunk_out), shape(expert_out), _TORCH[trunk_out["dtype"]], self.device,
+                                  shape(trunk_out), shape(expert_out), _torch_dtype(trunk_out["dtype"]), self.device,
                                   graphs=False, buckets=self.buckets)  # ONNX Runtime captures its own graphs
 
     # --- CUDA: IOBinding on torch CUDA tensors, so the trunk's output stays on the device between parts ---
@@ -179,14 +177,11 @@ class OnnxRuntimeBackend(Backend):
                 "cuda_graphs": self.cuda_graphs, **({"no_cuda_graph": self.no_graph} if self.no_graph else {})}
 
 
-_TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-_TORCH = {}
-try:  # torch is there wherever the static path runs (it holds the buffers)
-    import torch as _t
+def _torch_dtype(name: str):
+    """torch holds the static path's buffers; it is imported only where that path runs."""
+    import torch
 
-    _TORCH = {k: getattr(_t, v) for k, v in _TORCH_NAMES.items()}
-except ImportError:  # pragma: no cover
-    pass
+    return getattr(torch, np.dtype(name).name if name != "bfloat16" else name)
 
 
 class _BoundPart:
@@ -209,13 +204,13 @@ class _BoundPart:
             axes = {}
             for t, x in zip(self.inputs, xs):
                 want = self.input_dtypes[t["name"]]
-                if x.dtype != _TORCH[np.dtype(want).name] or not x.is_contiguous():
+                if x.dtype != _torch_dtype(np.dtype(want).name) or not x.is_contiguous():
                     raise MixpertError(f"{t['name']}: static buffer is {x.dtype}, the graph takes {np.dtype(want).name}")
                 binding.bind_input(t["name"], self.device, 0, want, tuple(x.shape), x.data_ptr())
                 axes |= {d: x.shape[i] for i, d in enumerate(t["shape"]) if isinstance(d, str)}
             o = self.outputs[0]
             shape = tuple(axes[d] if isinstance(d, str) else d for d in o["shape"])
-            out = torch.empty(shape, dtype=_TORCH[o["dtype"]], device=self.device)
+            out = torch.empty(shape, dtype=_torch_dtype(o["dtype"]), device=self.device)
             binding.bind_output(o["name"], self.device, 0, _NP.get(o["dtype"], np.float32), shape, out.data_ptr())
             options = ort.RunOptions()
             if self.graphs:
