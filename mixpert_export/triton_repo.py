@@ -84,17 +84,14 @@ def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str,
         cfg.output.add(**_tensor(pb, t, batched))
     if batched and platform != "python":
         cfg.dynamic_batching.max_queue_delay_microseconds = 100
-    group = cfg.instance_group.add(count=instances)
-    group.kind = (pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" or kind == "gpu"
-                  else pb.ModelInstanceGroup.KIND_CPU)
-    if platform == "python":
-        group.kind = pb.ModelInstanceGroup.KIND_CPU
+    on_gpu = platform == "tensorrt_plan" or (platform == "onnxruntime_onnx" and kind == "gpu")  # python parts: CPU
+    cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU)
     return cfg
 
 
 def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int):
-    bb = mf.bundle_config(manifest).backbone
-    n = len(mf.bundle_config(manifest).domains)
+    cfg_model = mf.bundle_config(manifest)
+    bb, n = cfg_model.backbone, len(cfg_model.domains)
     cfg = pb.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch_size)
     cfg.input.add(name=INPUT, data_type=pb.TYPE_STRING, dims=[1])
     for name, dtype, dims in (("tokens", pb.TYPE_FP32, [-1, bb.tokens_per_crop, bb.llm_hidden_size]),
