@@ -24,6 +24,13 @@ def cmd_build(args) -> int:
         manifest = compile_bundle(args.from_onnx, args.out, gpu_targets=targets, progress=not args.quiet)
         out = Path(args.out or args.from_onnx)
     else:
+        from mixpert_train.staging import check_target
+
+        from .manifest import BUNDLE
+
+        if args.out:  # refuse a bad --out before loading weights (the default is known only after)
+            check_target(args.out, BUNDLE, sources={f: p for f, p in (("--weights", args.weights),
+                                                                      ("--checkpoint", args.checkpoint)) if p})
         model, source = load_model(args)
         out = Path(args.out or f"engines/{model.cfg.backbone.name}")
         manifest = build_bundle(model, out, precision=args.precision, max_crops=args.max_crops, runtime=args.runtime,

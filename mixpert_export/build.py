@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mixpert_train.checkpoint import staged_dir
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertVision
+from mixpert_train.staging import staged_dir
 
 from . import manifest as mf
 from . import tensorrt_build as trtb
@@ -29,14 +29,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _writable(out: Path):
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MixpertError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
+def source_paths(source: dict | None) -> dict:
+    """{flag: path} of what a build reads, for the target checks (a bundle must not replace or sit inside them)."""
+    return {f"--{source['kind']}": source["path"]} if source and source.get("path") else {}
 
 
 def _io_eq(a: dict, b: dict) -> bool:
@@ -135,9 +130,8 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
     max_crops = int(max_crops or 4 * cfg.backbone.max_crops)
-    _writable(out)
     t0 = time.perf_counter()
-    with staged_dir(out) as tmp:
+    with staged_dir(out, mf.BUNDLE, sources=source_paths(source)) as tmp:
         manifest = {
             "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -162,8 +156,7 @@ def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_t
     manifest = mf.read_manifest(src)
     mf.verify_files(src, manifest, "onnx")
     trtb.import_tensorrt(prefer)
-    _writable(out)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, mf.BUNDLE, sources={"--from-onnx": src}) as tmp:
         for part in manifest["parts"].values():
             part.pop("engine", None)
             for fname in part["onnx"]["sha256"]:

@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mixpert_train.checkpoint import staged_dir
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertVision, pool_matrix, route
+from mixpert_train.staging import staged_dir
 
 from . import manifest as mf
 from .onnx_export import onnx_io
@@ -54,13 +54,13 @@ def measure_speedup(fp32: Path, int8: Path, crops: np.ndarray, reps: int = 5) ->
 def build_int8_bundle(model: MixpertVision, out: Path, max_crops=None, runtime="auto", source=None, progress=True) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .build import build_bundle
+    from .build import build_bundle, source_paths
     from .validate import sample_crops
 
     if runtime == "tensorrt":
         raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
     out = Path(out)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, mf.BUNDLE, sources=source_paths(source)) as tmp:
         ref_dir = tmp / "fp32"
         manifest = build_bundle(model, ref_dir, "fp32", max_crops, "onnxruntime", source=source, progress=progress)
         manifest["precision"] = "int8"

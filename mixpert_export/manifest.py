@@ -11,10 +11,12 @@ from pathlib import Path
 from mixpert_train.checkpoint import read_versioned_json
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertConfig
+from mixpert_train.staging import Output, member
 
 FORMAT = "mixpert-bundle"
 FORMAT_VERSION = 1
 NAME = "manifest.json"
+BUNDLE = Output("bundle", NAME, FORMAT)
 
 
 def sha256(path: Path) -> str:
@@ -54,10 +56,19 @@ def rebuild_command(manifest: dict, bundle: Path, engines: bool = False) -> str:
 
 
 def read_manifest(bundle: str | Path) -> dict:
+    """The bundle's manifest; every file name in it checked to be a plain name inside the bundle."""
     bundle = Path(bundle)
-    return read_versioned_json(bundle / NAME, FORMAT, FORMAT_VERSION,
-                               f"{bundle} is not a Mixpert bundle (build one with python -m mixpert_export build)",
-                               lambda m: f"rebuild: {rebuild_command(m, bundle)}")
+    manifest = read_versioned_json(bundle / NAME, FORMAT, FORMAT_VERSION,
+                                   f"{bundle} is not a Mixpert bundle (build one with python -m mixpert_export build)",
+                                   lambda m: f"rebuild: {rebuild_command(m, bundle)}")
+    for part in manifest.get("parts", {}).values():
+        for entry in (part.get("onnx"), part.get("engine")):
+            if entry:
+                for name in (entry.get("file"), *entry.get("sha256", {})):
+                    member(bundle, name, bundle / NAME)
+    if (manifest.get("tensorrt") or {}).get("timing_cache"):
+        member(bundle, manifest["tensorrt"]["timing_cache"], bundle / NAME)
+    return manifest
 
 
 def bundle_config(manifest: dict) -> MixpertConfig:

@@ -17,13 +17,14 @@ import json
 import shutil
 from pathlib import Path
 
-from mixpert_train.checkpoint import staged_dir
 from mixpert_train.errors import MixpertError
+from mixpert_train.staging import Output, staged_dir
 
 from . import manifest as mf
 from .serve import INPUT, MODEL
 
 PREFIX = "mixpert"
+REPOSITORY = Output("Triton model repository", f"{MODEL}/1/{mf.NAME}", mf.FORMAT)  # what --out may replace
 PLATFORMS = ("auto", "tensorrt_plan", "onnxruntime_onnx", "python")
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
           "int32": "TYPE_INT32", "int64": "TYPE_INT64", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
@@ -120,7 +121,7 @@ def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto"
     if unknown:
         raise MixpertError(f"--expert-instances: no expert named {', '.join(sorted(unknown))} in {bundle}")
     here = Path(__file__).parent
-    with staged_dir(out) as tmp:
+    with staged_dir(out, REPOSITORY, sources={"--engines": bundle}) as tmp:
         for part, entry in manifest["parts"].items():
             if part == "single_encoder":  # the baseline is for benchmarks, not for serving
                 continue

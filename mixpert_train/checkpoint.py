@@ -6,11 +6,7 @@ crash never leaves a directory that loads.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,10 +16,12 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .errors import MixpertError
 from .model import MixpertConfig, MixpertVision, build_model
+from .staging import Output, staged_dir
 
 FORMAT = "mixpert-checkpoint"
 FORMAT_VERSION = 1
 META = "mixpert.json"
+CHECKPOINT = Output("Mixpert checkpoint", META, FORMAT)
 
 
 def part_files(cfg: MixpertConfig) -> dict[str, str]:
@@ -45,43 +43,10 @@ def tool_versions() -> dict:
     return {"mixpert": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def atomic_dir(final: Path):
-    """A fresh temporary directory beside `final` (same filesystem, so the rename is atomic)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    return tmp
-
-
-def commit_dir(tmp: Path, final: Path):
-    """Replace `final` by `tmp` as atomically as a directory allows: old -> backup, tmp -> final, drop backup."""
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-    os.replace(tmp, final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_dir(final: str | Path):
-    """Write a directory all or nothing: yields a temporary sibling of `final` that replaces `final` when the
-    block succeeds and is removed when it raises (Ctrl-C included)."""
-    final = Path(final)
-    tmp = atomic_dir(final)
-    try:
-        yield tmp
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_checkpoint(model: MixpertVision, out: str | Path, extra: dict | None = None) -> Path:
     out = Path(out)
     cfg = model.cfg
-    with staged_dir(out) as tmp:
+    with staged_dir(out, CHECKPOINT) as tmp:
         files = part_files(cfg)
         for part, fname in files.items():
             sd = {k: v.detach().contiguous().cpu() for k, v in _module(model, part).state_dict().items()}
@@ -120,6 +85,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> MixpertVision:
         cfg = MixpertConfig.from_dict(meta)
     except (KeyError, TypeError, ValueError) as e:
         raise MixpertError(f"{path / META}: incomplete model description ({e}); re-save the checkpoint") from None
+    except MixpertError as e:
+        raise MixpertError(f"{path / META}: invalid model description ({e}); re-save the checkpoint") from None
     model = build_model(cfg, device=device)
     for part, fname in part_files(cfg).items():
         f = path / fname

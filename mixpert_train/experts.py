@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import META, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import CHECKPOINT, META, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
 from .mllm import answer_scores, batches, load_items, load_tokenizer
 from .preprocess import Preprocessor
+from .staging import check_target
 from .weights import model_from_snapshot
 
 
@@ -75,6 +76,7 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
         model = load_checkpoint(out)
         history = meta.get("extra", {}).get("history", {})
     else:
+        check_target(out, CHECKPOINT, sources={"--data": data, "--joint": joint})  # before minutes of tuning
         model = model_from_snapshot(joint, joint_backbone(joint), expert_layers=cfg.expert_layers)
         history = {}
     todo = [d for d in (domains or model.cfg.domains) if d not in done]

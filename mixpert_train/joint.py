@@ -13,13 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import get_backbone
-from .checkpoint import staged_dir
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
 from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_llava, write_json
 from .preprocess import Preprocessor
+from .staging import Output, check_target, staged_dir
 
 DONE = "mixpert_stage.json"
+JOINT = Output("joint-stage model", DONE)
 
 
 @dataclass
@@ -44,6 +45,7 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     if stage_done(out):
         log(f"joint: {out} is complete, reusing it (delete it to retrain)")
         return out
+    check_target(out, JOINT, sources={"--data": data})  # before minutes of training
     dist = Dist()
     torch.manual_seed(cfg.seed)
     bb = get_backbone(cfg.backbone)
@@ -88,7 +90,7 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     bar.close()
     seconds = time.perf_counter() - t0
     if dist.main:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, JOINT) as tmp:
             llava.save_pretrained(tmp)
             tokenizer.save_pretrained(str(tmp))
             pre.processor.save_pretrained(str(tmp))

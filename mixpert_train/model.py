@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,6 +47,9 @@ class MixpertConfig:
             raise MixpertError(f"unknown routing strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if VERSATILE in self.domains or len(set(self.domains)) != len(self.domains):
             raise MixpertError(f"domains {self.domains} must be distinct and must not include {VERSATILE!r}")
+        bad = [d for d in self.domains if not isinstance(d, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", d)]
+        if bad:  # they name files (expert_<d>.onnx) and serving models
+            raise MixpertError(f"domain names {bad} must be letters, digits, '_' and '-' only")
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, **overrides) -> "MixpertConfig":

@@ -13,11 +13,12 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data.manifest import read_manifest
 from .errors import MixpertError
 from .loop import adamw_cosine
 from .preprocess import ImageError, Preprocessor, load_image
+from .staging import check_target
 
 
 @dataclass
@@ -66,9 +67,10 @@ def per_domain_accuracy(model, pooled, labels) -> dict:
 def run_router(data: str | Path, experts_ckpt: str | Path, out: str | Path, cfg: RouterConfig = RouterConfig(),
                progress: bool = True, log=print) -> Path:
     data, out = Path(data), Path(out)
-    if out.exists() and read_checkpoint_meta(out).get("extra", {}).get("stage") == "router":
+    if CHECKPOINT.holds(out) and read_checkpoint_meta(out).get("extra", {}).get("stage") == "router":
         log(f"router: {out} is complete, reusing it (delete it to retrain)")
         return out
+    check_target(out, CHECKPOINT, sources={"--data": data, "--experts": experts_ckpt})
     model = load_checkpoint(experts_ckpt)
     prior = read_checkpoint_meta(experts_ckpt).get("extra", {})
     torch.manual_seed(cfg.seed)

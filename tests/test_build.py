@@ -220,7 +220,7 @@ def test_interrupted_build_leaves_nothing_and_keeps_the_old_bundle(tiny_model, o
 def test_unwritable_out_is_a_clear_error(tiny_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(MixpertError, match="--out .*file/b: cannot write there"):
+    with pytest.raises(MixpertError, match="--out .*file/b: .*file is a file, so no directory can be made below it"):
         build_bundle(tiny_model, blocker / "b", runtime="onnxruntime", progress=False)
 
 
