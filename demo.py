@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         report = reports[0]
 
         t = step("6/7 engines: ONNX parts validated against torch, TensorRT engines where TensorRT(-RTX) is installed")
-        from mixpert_export.build import build_bundle, format_table, summary_rows
-        from mixpert_export.sources import resolve
+        from mixpert_export.bundle.build import build_bundle, format_table, summary_rows
+        from mixpert_export.bundle.sources import resolve
 
         if newer(engines / "manifest.json", final / "mixpert.json"):
             manifest = json.loads((engines / "manifest.json").read_text())
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         times["engines"] = time.perf_counter() - t
 
         t = step("7/7 the pipeline on held-out images, and its overhead over the single encoder")
-        from mixpert_export.pipeline import MixpertPipeline
+        from mixpert_export.runtime.pipeline import MixpertPipeline
         from mixpert_train.data.manifest import read_manifest
 
         test = read_manifest(data / "test.jsonl")

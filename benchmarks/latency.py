@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixpert_export.pipeline import ImageResult, MixpertPipeline
+from mixpert_export.runtime.pipeline import ImageResult, MixpertPipeline
 from mixpert_train.model import pool_matrix
 
 CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense", "f_bare_parts")
@@ -226,8 +226,8 @@ def ensure_bundle(args) -> Path:
         return Path(args.bundle)
     out = Path("engines") / f"{args.backbone}-{args.precision}-bench"
     if not (out / "manifest.json").is_file():
-        from mixpert_export.build import build_bundle
-        from mixpert_export.sources import resolve
+        from mixpert_export.bundle.build import build_bundle
+        from mixpert_export.bundle.sources import resolve
 
         model, source = resolve(args.backbone, random_init=True)
         build_bundle(model, out, precision=args.precision, runtime="onnxruntime" if args.runtime != "tensorrt" else "tensorrt",

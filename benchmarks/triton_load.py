@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mixpert_export.client import MixpertClient
-from mixpert_export.pipeline import MixpertPipeline
+from mixpert_export.serving.client import MixpertClient
+from mixpert_export.runtime.pipeline import MixpertPipeline
 
 
 def mixed_images(n: int = 40, seed: int = 0) -> list[bytes]:

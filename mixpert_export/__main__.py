@@ -11,13 +11,13 @@ from mixpert_train.errors import MixpertError
 
 
 def load_model(args):
-    from .sources import resolve
+    from .bundle.sources import resolve
 
     return resolve(args.backbone, args.checkpoint, args.weights, args.random_init, args.expert_layers, args.seed)
 
 
 def cmd_build(args) -> int:
-    from .build import build_bundle, compile_bundle, format_table, summary_rows
+    from .bundle.build import build_bundle, compile_bundle, format_table, summary_rows
 
     targets = [t.strip().lower() for t in args.gpu_targets.split(",")] if args.gpu_targets else None
     if args.from_onnx:
@@ -26,7 +26,7 @@ def cmd_build(args) -> int:
     else:
         from mixpert_train.staging import check_target
 
-        from .manifest import BUNDLE
+        from .bundle.manifest import BUNDLE
 
         if args.out:  # refuse a bad --out before loading weights (the default is known only after)
             check_target(args.out, BUNDLE, sources={f: p for f, p in (("--weights", args.weights),
@@ -48,8 +48,8 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     import numpy as np
 
-    from .build import format_table
-    from .pipeline import MixpertPipeline
+    from .bundle.build import format_table
+    from .runtime.pipeline import MixpertPipeline
 
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
                                         tau=args.tau, lam=args.lam, per_crop=args.per_crop)
@@ -81,13 +81,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from .serving.serve import serve
 
     return serve(args)
 
 
 def cmd_triton(args) -> int:
-    from .triton_repo import write_repository
+    from .serving.triton_repo import write_repository
 
     per = {}
     for item in filter(None, (args.expert_instances or "").split(",")):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .backbones import Backbone, adapter_for
+from .backbones import Backbone
+from .families import adapter_for
 from .errors import MixpertError
 
 DOMAINS: tuple[str, ...] = ("chart", "doc", "math", "ocr", "general")

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .backbones import REGISTRY, Backbone, adapter_for, backbone_from_llava_config
+from .backbones import REGISTRY, Backbone
+from .families import adapter_for
+from .families.llava_ov import backbone_from_llava_config
 from .errors import MixpertError
 from .model import VERSATILE, MixpertConfig, MixpertVision
 

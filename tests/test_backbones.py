@@ -2,7 +2,8 @@
 
 import pytest
 
-from mixpert_train.backbones import REGISTRY, backbone_from_llava_config, get_backbone
+from mixpert_train.backbones import REGISTRY, get_backbone
+from mixpert_train.families.llava_ov import backbone_from_llava_config
 from mixpert_train.errors import MixpertError
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf config.json (the fields that matter), as published

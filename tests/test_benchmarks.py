@@ -38,8 +38,8 @@ def test_flops_cli_writes_markdown_and_json(tmp_path):
 
 def test_latency_smoke_on_tiny(tmp_path):
     """Builds a tiny bundle, times a-e side by side, writes md/json/png, and gates against itself."""
-    from mixpert_export.build import build_bundle
-    from mixpert_export.sources import resolve
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
 
     model, src = resolve("tiny", random_init=True)
     bundle = tmp_path / "b"
@@ -79,8 +79,8 @@ def test_regression_gate_logic():
 def test_gate_exits_non_zero_on_regression(tmp_path, monkeypatch):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(_report(0.5, 0.5)))  # an impossible baseline: any real run regresses past it
-    from mixpert_export.build import build_bundle
-    from mixpert_export.sources import resolve
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
 
     model, src = resolve("tiny", random_init=True)
     build_bundle(model, tmp_path / "b", runtime="onnxruntime", max_crops=4, source=src, progress=False)

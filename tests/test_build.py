@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import mixpert_export.build as build_mod
-from mixpert_export import manifest as mf
-from mixpert_export import tensorrt_build as trtb
+import mixpert_export.bundle.build as build_mod
+from mixpert_export.bundle import manifest as mf
+from mixpert_export.bundle import tensorrt_build as trtb
 from mixpert_export.__main__ import main
-from mixpert_export.build import build_bundle, compile_bundle
-from mixpert_export.onnx_export import export_part, lowered, part_specs
-from mixpert_export.validate import sample_crops, validate_part
+from mixpert_export.bundle.build import build_bundle, compile_bundle
+from mixpert_export.bundle.onnx_export import export_part, lowered, part_specs
+from mixpert_export.bundle.validate import sample_crops, validate_part
 from mixpert_train.backbones import get_backbone
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import MixpertConfig, build_model, pool_matrix
@@ -277,7 +277,7 @@ def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
 
 
 def test_large_parts_use_external_data(tiny_model, tmp_path, monkeypatch):
-    import mixpert_export.onnx_export as ox
+    import mixpert_export.bundle.onnx_export as ox
 
     monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 100_000)  # as if the part were past protobuf's 2 GiB
     spec = {s.name: s for s in part_specs(tiny_model.cfg, "fp32")}["expert_general"]
@@ -305,7 +305,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tiny_model, tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b" / "trunk.onnx"))
 
     monkeypatch.setattr(build_mod, "export_part", full)
-    monkeypatch.setattr("mixpert_export.sources.build_model", lambda cfg, seed=0: tiny_model)
+    monkeypatch.setattr("mixpert_export.bundle.sources.build_model", lambda cfg, seed=0: tiny_model)
     rc = main(["build", "--backbone", "tiny", "--out", str(tmp_path / "b"), "--runtime", "onnxruntime", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 0

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixpert_export.backends.torch import TorchBackend
-from mixpert_export.cuda_graphs import assign_streams, bucket_of, crop_buckets, padded_index
-from mixpert_export.pipeline import MixpertPipeline
+from mixpert_export.runtime.backends.torch import TorchBackend
+from mixpert_export.runtime.cuda_graphs import assign_streams, bucket_of, crop_buckets, padded_index
+from mixpert_export.runtime.pipeline import MixpertPipeline
 from mixpert_train.errors import MixpertError
 from mixpert_train.model import DOMAINS, VERSATILE
 from test_pipeline import bundle, images, pipes  # noqa: F401 (fixtures)
@@ -152,7 +152,7 @@ def test_half_precision_cuda_cosine_and_routing(bundle, pipes, tmp_path, precisi
 def test_onnxruntime_static_bound_path_equals_plain_on_cpu(bundle, pipes):  # noqa: F811
     """ONNX Runtime through the static buffers and fixed-address IOBinding (the CUDA-graph path's binding code,
     on the CPU EP): equal to the plain ONNX Runtime pipeline, and every call of one shape reuses one binding."""
-    from mixpert_export.backends.onnxruntime import OnnxRuntimeBackend
+    from mixpert_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     plain = pipes["onnxruntime"]
     be = OnnxRuntimeBackend("cpu", static=True).load(bundle, plain.manifest)
@@ -193,7 +193,7 @@ def test_onnxruntime_cuda_static_graphs_equal_cpu(bundle, pipes):  # noqa: F811
 def test_static_pipeline_shared_by_threads_runs_calls_one_at_a_time(bundle, pipes):  # noqa: F811
     import threading
 
-    from mixpert_export.backends.onnxruntime import OnnxRuntimeBackend
+    from mixpert_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     m = pipes["onnxruntime"].manifest
     pipe = MixpertPipeline(OnnxRuntimeBackend("cpu", static=True).load(bundle, m), m, strategy="direct")

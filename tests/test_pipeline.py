@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import reference_crop_features
 from mixpert_export.__main__ import main
-from mixpert_export.build import build_bundle
-from mixpert_export.pipeline import MixpertPipeline
+from mixpert_export.bundle.build import build_bundle
+from mixpert_export.runtime.pipeline import MixpertPipeline
 from mixpert_train.preprocess import Preprocessor
 from mixpert_train.backbones import get_backbone
 from mixpert_train.checkpoint import save_checkpoint
@@ -47,7 +47,7 @@ def images(seed=0):
 def bundle(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
     ck = save_checkpoint(decisive_model(), d / "ck")
-    from mixpert_export.sources import resolve
+    from mixpert_export.bundle.sources import resolve
 
     model, source = resolve(checkpoint=str(ck))
     build_bundle(model, d / "bundle", runtime="onnxruntime", max_crops=24, source=source, progress=False)
@@ -131,7 +131,7 @@ def test_calls_larger_than_the_engines_are_split_and_keep_order(pipes):
 
 def test_versatile_everywhere_equals_transformers(reference_model, tiny_snapshot, tmp_path):
     """Golden: every image routed to versatile -> the features transformers' LLaVA-OV computes for its crops."""
-    from mixpert_export.sources import resolve
+    from mixpert_export.bundle.sources import resolve
 
     model, source = resolve(weights=str(tiny_snapshot))
     build_bundle(model, tmp_path / "b", runtime="onnxruntime", source=source, progress=False)
@@ -302,8 +302,8 @@ def test_torch_cuda_pipeline_equals_cpu_reference(bundle, pipes):
 @pytest.mark.gpu
 def test_tensorrt_engines_run_or_refuse_with_the_fix(bundle, pipes, tmp_path):
     _need_cuda()
-    from mixpert_export import tensorrt_build as trtb
-    from mixpert_export.build import compile_bundle
+    from mixpert_export.bundle import tensorrt_build as trtb
+    from mixpert_export.bundle.build import compile_bundle
     from mixpert_train.errors import MixpertError
 
     if not trtb.available():

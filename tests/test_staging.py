@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import mixpert_train.staging as staging
-from mixpert_export import manifest as mf
+from mixpert_export.bundle import manifest as mf
 from mixpert_export.__main__ import main as export_main
-from mixpert_export.build import build_bundle
+from mixpert_export.bundle.build import build_bundle
 from mixpert_train.__main__ import main as train_main
 from mixpert_train.backbones import get_backbone
 from mixpert_train.checkpoint import load_checkpoint, save_checkpoint
@@ -159,7 +159,7 @@ def test_out_must_not_hold_or_sit_inside_what_is_read(bundle, model, tmp_path, c
 
 def _hold_staging(target: Path):
     """Another live process inside staged_dir(target): returns it once its staging directory exists."""
-    code = ("import sys, time; from mixpert_train.staging import staged_dir; from mixpert_export.manifest import BUNDLE\n"
+    code = ("import sys, time; from mixpert_train.staging import staged_dir; from mixpert_export.bundle.manifest import BUNDLE\n"
             "with staged_dir(sys.argv[1], BUNDLE) as tmp:\n    print(tmp, flush=True); time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     return p, Path(p.stdout.readline().strip())

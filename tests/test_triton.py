@@ -19,12 +19,12 @@ tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from triton_load import ServeProcess, free_port, mixed_images, reference, run_load  # noqa: E402
 
-from mixpert_export import manifest as mf  # noqa: E402
+from mixpert_export.bundle import manifest as mf  # noqa: E402
 from mixpert_export.__main__ import main  # noqa: E402
-from mixpert_export.build import build_bundle  # noqa: E402
-from mixpert_export.client import MixpertClient  # noqa: E402
-from mixpert_export.serve import python_backend_env  # noqa: E402
-from mixpert_export.triton_repo import _platform, local_server, read_config, write_repository  # noqa: E402
+from mixpert_export.bundle.build import build_bundle  # noqa: E402
+from mixpert_export.serving.client import MixpertClient  # noqa: E402
+from mixpert_export.serving.serve import python_backend_env  # noqa: E402
+from mixpert_export.serving.triton_repo import _platform, local_server, read_config, write_repository  # noqa: E402
 from mixpert_train.checkpoint import save_checkpoint  # noqa: E402
 from mixpert_train.errors import MixpertError  # noqa: E402
 from test_pipeline import decisive_model  # noqa: E402
@@ -36,7 +36,7 @@ ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TY
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     d = tmp_path_factory.mktemp("triton")
-    from mixpert_export.sources import resolve
+    from mixpert_export.bundle.sources import resolve
 
     model, source = resolve(checkpoint=str(save_checkpoint(decisive_model(), d / "ck")))
     build_bundle(model, d / "bundle", runtime="onnxruntime", max_crops=24, source=source, progress=False)

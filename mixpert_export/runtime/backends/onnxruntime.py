@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from mixpert_train.errors import MixpertError
 
-from .. import manifest as mf
+from mixpert_export.bundle import manifest as mf
 from .base import Backend
 
 _NP = {"float32": np.float32, "float16": np.float16}

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mixpert_export.backends.base import Backend
-from mixpert_export.pipeline import MixpertPipeline
-from mixpert_export.serve import INPUT, OUTPUTS, PipelineCallable
+from mixpert_export.runtime.backends.base import Backend
+from mixpert_export.runtime.pipeline import MixpertPipeline
+from mixpert_export.serving.serve import INPUT, OUTPUTS, PipelineCallable
 from mixpert_train.errors import MixpertError
 
 

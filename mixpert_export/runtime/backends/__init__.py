@@ -11,7 +11,7 @@ RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")
 
 def pick_runtime(manifest: dict) -> str:
     """auto: TensorRT where the bundle has engines and a CUDA GPU is visible, else ONNX Runtime."""
-    from .. import tensorrt_build as trtb
+    from mixpert_export.bundle import tensorrt_build as trtb
 
     if manifest.get("tensorrt") and trtb.build_gpu() is not None:
         return "tensorrt"

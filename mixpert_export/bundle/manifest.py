@@ -33,7 +33,7 @@ def tool_versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from mixpert_export import __version__
 
     return {"mixpert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

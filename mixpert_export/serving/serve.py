@@ -117,7 +117,7 @@ def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PO
 
 
 def serve(args) -> int:
-    from .pipeline import MixpertPipeline
+    from mixpert_export.runtime.pipeline import MixpertPipeline
 
     pipeline = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device,
                                             strategy=args.strategy, tau=args.tau)

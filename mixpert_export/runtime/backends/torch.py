@@ -16,9 +16,9 @@ import torch
 
 from mixpert_train.errors import MixpertError
 
-from .. import manifest as mf
-from ..onnx_export import PRECISIONS, lowered, part_module, part_specs
-from ..sources import model_from_source
+from mixpert_export.bundle import manifest as mf
+from mixpert_export.bundle.onnx_export import PRECISIONS, lowered, part_module, part_specs
+from mixpert_export.bundle.sources import model_from_source
 from .base import Backend
 
 

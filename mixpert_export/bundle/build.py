@@ -22,6 +22,7 @@ from mixpert_train.staging import staged_dir
 from . import manifest as mf
 from . import tensorrt_build as trtb
 from .onnx_export import OPSET, PartSpec, export_part, lowered, onnx_io, part_specs
+from .int8 import quantize_bundle
 from .validate import ValidationInputs, check, sample_crops, validate_part
 
 
@@ -115,33 +116,39 @@ def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bo
 def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32", max_crops: int | None = None,
                  runtime: str = "auto", gpu_targets=None, source: dict | None = None, with_baseline: bool = True,
                  validate: bool = True, progress: bool = True) -> dict:
-    """Export (+ validate) every part, build TensorRT engines where asked or available, write the manifest,
-    and move the bundle into place. Returns the manifest."""
+    """Export (+ validate) every part, build TensorRT engines where asked or available (int8: quantise the fp32
+    parts for ONNX Runtime CPU instead), write the manifest, and move the bundle into place. Returns the manifest."""
     out = Path(out)
     cfg = model.cfg
-    if precision == "int8":
-        from .int8 import build_int8_bundle
-
-        return build_int8_bundle(model, out, max_crops=max_crops, runtime=runtime, source=source, progress=progress)
-    if precision not in OPSET:
+    if precision not in (*OPSET, "int8"):
         raise MixpertError(f"--precision {precision}: choose fp32, fp16, bf16 or int8")
     if runtime not in ("auto", "onnxruntime", "tensorrt"):
         raise MixpertError(f"--runtime {runtime}: choose auto, onnxruntime or tensorrt")
+    if precision == "int8" and runtime == "tensorrt":
+        raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
     max_crops = int(max_crops or 4 * cfg.backbone.max_crops)
     t0 = time.perf_counter()
     with staged_dir(out, mf.BUNDLE, sources=source_paths(source)) as tmp:
+        exported = precision if precision != "int8" else "fp32"  # int8 quantises validated fp32 parts
         manifest = {
             "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": cfg.to_dict(), "source": source or {"kind": "in-memory"},
-            "precision": precision, "opset": OPSET[precision], "max_crops": max_crops,
+            "precision": precision, "opset": OPSET[exported], "max_crops": max_crops,
             "versions": mf.tool_versions(), "tensorrt": None,
         }
-        manifest["parts"] = export_parts(model, tmp, precision, max_crops, with_baseline, validate, progress)
-        if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
-            compile_engines(tmp, manifest, gpu_targets, progress)
+        if precision == "int8":
+            fp32 = tmp / "fp32"
+            fp32.mkdir()
+            manifest["parts"] = export_parts(model, fp32, "fp32", max_crops, with_baseline, validate, progress)
+            quantize_bundle(model, fp32, tmp, manifest)
+            shutil.rmtree(fp32)
+        else:
+            manifest["parts"] = export_parts(model, tmp, precision, max_crops, with_baseline, validate, progress)
+            if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
+                compile_engines(tmp, manifest, gpu_targets, progress)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)

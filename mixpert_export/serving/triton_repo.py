@@ -20,7 +20,7 @@ from pathlib import Path
 from mixpert_train.errors import MixpertError
 from mixpert_train.staging import Output, staged_dir
 
-from . import manifest as mf
+from mixpert_export.bundle import manifest as mf
 from .serve import INPUT, MODEL
 
 PREFIX = "mixpert"

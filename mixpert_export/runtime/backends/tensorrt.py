@@ -9,8 +9,8 @@ import numpy as np
 
 from mixpert_train.errors import MixpertError
 
-from .. import manifest as mf
-from .. import tensorrt_build as trtb
+from mixpert_export.bundle import manifest as mf
+from mixpert_export.bundle import tensorrt_build as trtb
 from .base import Backend
 
 

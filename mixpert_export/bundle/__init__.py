@@ -1,0 +1,6 @@
+"""Making a bundle: export each part to ONNX (onnx_export), validate it against torch (validate), quantise it
+(int8), compile TensorRT engines (tensorrt_build, the only module that imports TensorRT), and the manifest that
+records and checks all of it (manifest); build.py runs those steps, sources.py says where the model came from.
+
+Never imports mixpert_export.runtime or mixpert_export.serving: a bundle is made without knowing how it is run.
+"""

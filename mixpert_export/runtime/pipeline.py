@@ -1,0 +1,163 @@
+"""MixpertPipeline: crops -> trunk (all crops of the call, once) -> router (one pooled vector per image) ->
+route() -> each used expert once on its group -> tokens back in input order.
+
+Pure Python over a Backend; it never imports a runtime library. Only the B x n_domains scores are read on
+the host. A bad image becomes an error in its own result and never stops the rest of the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import margins, pool_matrix, route
+
+from mixpert_export.bundle import manifest as mf
+from .backends import create_backend
+from mixpert_train.preprocess import ImageError, Preprocessor
+
+
+@dataclass
+class ImageResult:
+    index: int  # position in the call's input list
+    source: str
+    expert: str | list[str] | None = None  # one name; a name per crop with per_crop routing
+    scores: list | None = None  # router softmax over the domains (per crop with per_crop routing)
+    margin: float | list | None = None  # top1 - top2
+    crops: int = 0
+    tokens: Any = None  # [n_crops, T, D_llm]: what the LLM consumes
+    error: str | None = None
+    latency_ms: float = 0.0  # the batch this image ran in (preprocessing excluded)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def record(self) -> dict:
+        d = {"index": self.index, "path": self.source, "crops": self.crops}
+        if self.error:
+            return d | {"error": self.error}
+        return d | {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms}
+
+
+@dataclass
+class PipelineStats:
+    launches: dict = field(default_factory=dict)  # part -> calls, for the "one launch per expert" check
+
+
+class MixpertPipeline:
+    def __init__(self, backend, manifest: dict, strategy: str | None = None, tau: float | None = None,
+                 lam: float | None = None, per_crop: bool = False):
+        self.backend = backend
+        self.manifest = manifest
+        self.cfg = mf.bundle_config(manifest)
+        self.strategy = strategy or self.cfg.strategy
+        self.tau = self.cfg.tau if tau is None else tau
+        self.lam = self.cfg.lam if lam is None else lam
+        self.per_crop = per_crop
+        self.max_crops = int(manifest["max_crops"])
+        self.preprocess = Preprocessor(self.cfg.backbone)
+        self.stats = PipelineStats()
+        self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
+        route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
+
+    @classmethod
+    def from_engines(cls, bundle: str | Path, runtime: str = "auto", device: str | None = None, model=None,
+                     backend_options: dict | None = None, **routing):
+        bundle = Path(bundle)
+        manifest = mf.read_manifest(bundle)
+        return cls(create_backend(runtime, bundle, manifest, device, model, **(backend_options or {})), manifest, **routing)
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, images: Sequence) -> list[ImageResult]:
+        results = [ImageResult(i, str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>")
+                   for i, src in enumerate(images)]
+        pending: list[tuple[ImageResult, np.ndarray]] = []
+        for res, src in zip(results, images):
+            try:
+                px = self.preprocess(src)
+            except ImageError as e:
+                res.error = str(e)
+                continue
+            except MixpertError as e:
+                res.error = f"{res.source}: {e}"
+                continue
+            res.crops = len(px)
+            if res.crops > self.max_crops:
+                res.error = (f"{res.source}: needs {res.crops} crops, the bundle takes {self.max_crops} a call; "
+                             f"rebuild with --max-crops {res.crops} or more")
+                continue
+            pending.append((res, px))
+        for batch in self._batches(pending):
+            self.run_crops(batch)
+        return results
+
+    def _batches(self, pending):
+        """Consecutive images whose crops fit in one call (the engines' max crops)."""
+        batch, n = [], 0
+        for item in pending:
+            if batch and n + len(item[1]) > self.max_crops:
+                yield batch
+                batch, n = [], 0
+            batch.append(item)
+            n += len(item[1])
+        if batch:
+            yield batch
+
+    def _count(self, part):
+        self.stats.launches[part] = self.stats.launches.get(part, 0) + 1
+
+    def run_crops(self, batch: list[tuple[ImageResult, np.ndarray]], experts: Sequence[str] | None = None) -> None:
+        """One call: trunk once, router once, each used expert once, scatter back. Fills the results.
+        `experts` (one name per routing unit) overrides route()'s choice, for benchmarks of given mixes:
+        the router still runs and its scores are still read."""
+        with self._serial:  # static buffers (CUDA-graph path) hold one call at a time
+            self._run_crops(batch, experts)
+
+    def _run_crops(self, batch, experts) -> None:
+        be = self.backend
+        t0 = time.perf_counter()
+        counts = [len(px) for _, px in batch]
+        pixels = np.concatenate([px for _, px in batch])
+        hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        self._count("trunk")
+        pool = pool_matrix(counts, per_crop=self.per_crop)
+        scores = be.to_host(be.infer("router", {"hidden": hidden, "pool": be.from_host(pool)})["scores"])
+        self._count("router")
+        names = route(scores, self.cfg.domains, self.strategy, self.tau, self.lam) if experts is None else list(experts)
+        # routing units are images, or crops with per-crop routing; each unit owns a range of crops
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        unit_crops = ([np.arange(starts[i], starts[i + 1]) for i in range(len(counts))] if not self.per_crop
+                      else [np.array([c]) for c in range(len(pixels))])
+        groups = [(f"expert_{expert}", np.concatenate([unit_crops[u] for u, n in enumerate(names) if n == expert]))
+                  for expert in dict.fromkeys(names)]  # first-use order: deterministic
+        out = be.run_experts(hidden, groups, len(pixels))  # [N_crops, T, D_llm] on the host
+        for part, _ in groups:
+            self._count(part)
+        be.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        margin = margins(scores)
+        for b, (res, _) in enumerate(batch):
+            lo, hi = starts[b], starts[b + 1]
+            res.tokens = out[lo:hi]
+            res.latency_ms = ms
+            if self.per_crop:
+                res.expert = [names[c] for c in range(lo, hi)]
+                res.scores = scores[lo:hi].tolist()
+                res.margin = margin[lo:hi].tolist()
+            else:
+                res.expert, res.scores, res.margin = names[b], scores[b].tolist(), float(margin[b])
+            if not np.isfinite(res.tokens.astype(np.float32)).all():
+                res.error = f"{res.source}: the model produced NaN or infinite tokens for this image"
+                res.tokens = None
+
+    def describe(self) -> dict:
+        return {"backend": self.backend.describe(), "strategy": self.strategy, "tau": self.tau, "lam": self.lam,
+                "per_crop": self.per_crop, "max_crops": self.max_crops}
