@@ -30,6 +30,10 @@ class Backbone:
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     expert_layers: int = 2  # k: the last k layers in use become per-domain experts (paper: 2)
+    # The snapshot's own image-processor config (preprocessor_config.json, as transformers saved it): when set, it
+    # alone defines preprocessing (size, grid, resampling, mean/std); None (registry entries, --random-init): the
+    # processor is built from the fields above.
+    processor: dict | None = None
 
     @property
     def hidden_size(self) -> int:

@@ -80,7 +80,8 @@ def load_image(src) -> Image.Image:
 
 
 class Preprocessor:
-    """transformers' LlavaOnevisionImageProcessorPil with the backbone's crop size, grid and normalisation."""
+    """transformers' LlavaOnevisionImageProcessorPil: from the snapshot's own config where the backbone carries one
+    (what from_pretrained(snapshot) would build), else from the backbone's crop size, grid and normalisation."""
 
     def __init__(self, backbone: Backbone):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -88,6 +89,9 @@ class Preprocessor:
         )
 
         self.backbone = backbone
+        if backbone.processor is not None:
+            self.processor = LlavaOnevisionImageProcessorPil.from_dict(dict(backbone.processor))
+            return
         s = backbone.crop_size
         self.processor = LlavaOnevisionImageProcessorPil(
             size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints],

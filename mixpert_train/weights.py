@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from .backbones import REGISTRY, Backbone
 from .families import adapter_for
-from .families.llava_ov import backbone_from_llava_config
+from .families.llava_ov import backbone_from_llava_config, processor_from_snapshot
 from .errors import MixpertError
 from .model import VERSATILE, MixpertConfig, MixpertVision
 
@@ -39,8 +39,10 @@ def backbone_from_snapshot(snapshot: str | Path, name: str | None = None) -> Bac
     """The snapshot's own architecture; the registry entry `name` (if any) adds k and routing defaults."""
     cfg = read_snapshot_config(snapshot)
     base = REGISTRY.get(name) if name else None
+    processor, processor_file = processor_from_snapshot(snapshot)
     return backbone_from_llava_config(cfg, name=name or Path(snapshot).name, base=base,
-                                      source=str(Path(snapshot) / "config.json"))
+                                      source=str(Path(snapshot) / "config.json"), processor=processor,
+                                      processor_source=processor_file)
 
 
 def _shard_map(snap: Path) -> dict[str, Path]:

@@ -1,9 +1,12 @@
-"""LLaVA-OneVision's vision side: the SigLIP tower adapter and how a LLaVA-OV config.json maps to a Backbone."""
+"""LLaVA-OneVision's vision side: the SigLIP tower adapter, how a LLaVA-OV config.json maps to a Backbone, and the
+snapshot's own image-processor config (preprocessor_config.json), which the Backbone carries from then on."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 from transformers import SiglipVisionConfig
@@ -13,8 +16,35 @@ from ..backbones import Adapter, Backbone
 from ..errors import MixpertError
 
 
-def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json") -> Backbone:
-    """The architecture a LLaVA-OV config.json describes; `base` adds what a snapshot does not say (k)."""
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # what transformers' from_pretrained reads
+
+
+def processor_from_snapshot(snapshot: str | Path) -> tuple[dict | None, str | None]:
+    """(the snapshot's LLaVA-OV image-processor config as transformers saved it, its file), or (None, None) when the
+    snapshot has none. Refuses one from another family or one that cannot be parsed, naming the file."""
+    for fname in PROCESSOR_FILES:
+        f = Path(snapshot) / fname
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MixpertError(f"{f}: not valid JSON ({e}); re-save the snapshot's processor") from None
+        if fname == "processor_config.json":  # a whole processor: the image part is nested
+            d = d.get("image_processor")
+            if not isinstance(d, dict):
+                continue
+        kind = str(d.get("image_processor_type", "LlavaOnevisionImageProcessor"))
+        if not kind.startswith("LlavaOnevisionImageProcessor"):
+            raise MixpertError(f"{f}: image processor {kind!r} is not LLaVA-OneVision's; this snapshot is another family")
+        return d, str(f)
+    return None, None
+
+
+def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json",
+                               processor: dict | None = None, processor_source: str = "preprocessor_config.json") -> Backbone:
+    """The architecture a LLaVA-OV config.json describes; `base` adds what a snapshot does not say (k).
+    `processor`: the snapshot's image-processor config, then the source of truth for preprocessing."""
     if config.get("model_type") != "llava_onevision" or "vision_config" not in config:
         raise MixpertError(
             f"{source}: not a LLaVA-OneVision config (model_type={config.get('model_type')!r}); "
@@ -34,6 +64,14 @@ def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = 
     vision = {k: getattr(full, k) for k in keep} | {"vision_use_head": False}
     aspect = str(config.get("vision_aspect_ratio", "anyres_max_9"))
     max_grid = int(aspect.rsplit("_", 1)[-1]) if aspect.startswith("anyres_max_") else defaults["max_grid_crops"]
+    norm = {}
+    if processor is not None:
+        size = processor.get("size") or {}
+        crop = (size.get("height"), size.get("width"))
+        if crop != (vision["image_size"], vision["image_size"]):
+            raise MixpertError(f"{processor_source}: size {size} differs from the vision tower's image_size "
+                               f"{vision['image_size']} in {source}; the snapshot is inconsistent, fix one of the two")
+        norm = {k: tuple(processor[k]) for k in ("image_mean", "image_std") if k in processor}
     return Backbone(
         name=name, family=family, vision=vision,
         llm_hidden_size=int(config["text_config"]["hidden_size"]),
@@ -44,6 +82,7 @@ def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = 
         grid_pinpoints=tuple(tuple(p) for p in config.get("image_grid_pinpoints") or (base.grid_pinpoints if base else ())),
         max_grid_crops=max_grid,
         expert_layers=base.expert_layers if base else defaults["expert_layers"],
+        processor=processor, **norm,
     )
 
 
