@@ -80,10 +80,17 @@ def load_image(src) -> Image.Image:
 
 
 class Preprocessor:
-    """transformers' LlavaOnevisionImageProcessorPil: from the snapshot's own config where the backbone carries one
-    (what from_pretrained(snapshot) would build), else from the backbone's crop size, grid and normalisation."""
+    """Image -> anyres crops [n_crops, 3, S, S] float32, as transformers' LlavaOnevisionImageProcessorPil computes
+    them: from the snapshot's own config where the backbone carries one (what from_pretrained(snapshot) builds),
+    else from the backbone's crop size, grid and normalisation.
 
-    def __init__(self, backbone: Backbone):
+    Fast path (`fast=True`, used whenever the config has nothing it does not reproduce): two uint8 PIL resizes (the
+    anyres canvas and the base image, with the processor's resampling), zero padding and crops by slicing, then one
+    table lookup per channel that holds transformers' own arithmetic for each of the 256 byte values (float64
+    rescale, float32 cast, float32 (x - mean) / std): the same float32 bits, without its float64 image copies and
+    numpy <-> PIL round trips. tests/test_preprocess.py checks it bit for bit against the processor."""
+
+    def __init__(self, backbone: Backbone, fast: bool = True):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
@@ -91,14 +98,48 @@ class Preprocessor:
         self.backbone = backbone
         if backbone.processor is not None:
             self.processor = LlavaOnevisionImageProcessorPil.from_dict(dict(backbone.processor))
-            return
-        s = backbone.crop_size
-        self.processor = LlavaOnevisionImageProcessorPil(
-            size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints],
-            image_mean=list(backbone.image_mean), image_std=list(backbone.image_std), do_convert_rgb=True,
-        )
+        else:
+            s = backbone.crop_size
+            self.processor = LlavaOnevisionImageProcessorPil(
+                size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints],
+                image_mean=list(backbone.image_mean), image_std=list(backbone.image_std), do_convert_rgb=True,
+            )
+        self.lut = self._lookup_table(self.processor) if fast else None
+
+    @staticmethod
+    def _lookup_table(p) -> np.ndarray | None:
+        """[3, 256] float32: byte value -> normalised value per channel; None when the fast path does not apply."""
+        size = p.size
+        square = bool(size.height) and size.height == size.width
+        plain = p.do_resize and p.do_rescale and p.do_normalize and not getattr(p, "do_center_crop", False)
+        if not (square and plain and p.image_grid_pinpoints and len(p.image_mean) == len(p.image_std) == 3):
+            return None
+        v = (np.arange(256, dtype=np.uint8).astype(np.float64) * p.rescale_factor).astype(np.float32)
+        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
+        lut = ((v[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+        return lut if np.isfinite(lut).all() else None  # finite table: every crop it makes is finite
+
+    def _fast_crops(self, image: Image.Image) -> np.ndarray:
+        from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+
+        p, S = self.processor, self.processor.size.height
+        w, h = image.size
+        bh, bw = select_best_resolution((h, w), p.image_grid_pinpoints)
+        nh, nw = get_patch_output_size(np.broadcast_to(np.uint8(0), (3, h, w)), (bh, bw), "channels_first")
+        canvas = np.zeros((bh, bw, 3), np.uint8)  # transformers pads the anyres canvas with zeros, centred
+        y, x = (bh - nh) // 2, (bw - nw) // 2
+        canvas[y:y + nh, x:x + nw] = np.asarray(image.resize((nw, nh), p.resample))
+        tiles = [np.asarray(image.resize((S, S), p.resample))]  # the base image first, then the grid row by row
+        tiles += [canvas[i:i + S, j:j + S] for i in range(0, bh, S) for j in range(0, bw, S)]
+        out = np.empty((len(tiles), 3, S, S), np.float32)
+        for k, tile in enumerate(tiles):
+            for c in range(3):
+                np.take(self.lut[c], tile[..., c], out=out[k, c])
+        return out
 
     def crops(self, image: Image.Image) -> np.ndarray:
+        if self.lut is not None:
+            return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image)
         out = self.processor(images=[image], return_tensors="np")
         px = np.asarray(out["pixel_values"][0], dtype=np.float32)
         if not np.isfinite(px).all():
