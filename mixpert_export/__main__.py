@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
 
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
                                         tau=args.tau, lam=args.lam, per_crop=args.per_crop)
-    results = pipe(args.images)
+    results = list(pipe.map(image_paths(args.images), workers=args.workers))
     domains = pipe.cfg.domains
     rows = []
     for r in results:
@@ -78,6 +78,31 @@ def cmd_run(args) -> int:
         np.savez(buf, **{str(r.index): r.tokens for r in results if r.ok})
         _atomic_write(Path(args.save_features), buf.getvalue())
     return 0 if all(r.ok for r in results) else 1
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_paths(args: list[str]) -> list[str]:
+    """Files as given (a missing one becomes that image's error record); a directory: its image files, sorted; a
+    glob pattern (quoted, so the shell leaves it): its matches, sorted."""
+    import glob
+
+    out = []
+    for a in args:
+        if Path(a).is_dir():
+            found = sorted(str(p) for p in Path(a).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise MixpertError(f"{a}: a directory with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
+        elif glob.has_magic(a) and not Path(a).exists():
+            found = sorted(glob.glob(a, recursive=True))
+            if not found:
+                raise MixpertError(f"{a}: the pattern matches no file")
+            out += found
+        else:
+            out.append(a)
+    return out
 
 
 def cmd_serve(args) -> int:
@@ -137,7 +162,9 @@ def main(argv=None) -> int:
     b.set_defaults(func=cmd_build)
     r = sub.add_parser("run", help="route and encode images with a built bundle")
     r.add_argument("--engines", required=True, help="bundle directory (from build)")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", help="image files, directories of images, or quoted glob patterns")
+    r.add_argument("--workers", type=int, help="threads preprocessing the next images while a call runs "
+                                               "(default min(4, cores); 0: none)")
     r.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
     r.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     r.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])

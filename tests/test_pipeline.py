@@ -3,6 +3,7 @@ per-crop routing, batching by crops, bad input, concurrency, and the run CLI."""
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,87 @@ def test_onnxruntime_cuda_with_iobinding_equals_cpu(bundle, pipes):
     assert [r.expert for r in gpu] == [r.expert for r in cpu]
     for a, b in zip(gpu, cpu):
         assert np.abs(a.tokens - b.tokens).max() <= 1e-3
+
+
+# --- map(): preprocessing overlapped with inference, bounded, in input order -----------------------------------
+
+def test_map_equals_call_in_input_order_with_bad_images_between(pipes, tmp_path):
+    pipe = pipes["onnxruntime"]
+    bad = [p for p, _ in _bad_inputs(tmp_path).values()]
+    good = images() + images(seed=1)
+    inputs = [x for pair in zip(good, bad + bad + bad) for x in pair]  # a bad image after every good one
+    want = pipe(inputs)
+    got = list(pipe.map(iter(inputs), workers=2, prefetch=3))
+    assert [r.index for r in got] == list(range(len(inputs)))
+    for a, b in zip(got, want):
+        assert a.ok == b.ok and a.error == b.error and a.expert == b.expert and a.crops == b.crops
+        if a.ok:
+            assert np.array_equal(a.tokens, b.tokens)  # same calls, same grouping: identical tokens
+
+
+def test_map_overlaps_preprocessing_with_inference_and_stays_bounded(bundle):
+    """Intervals recorded on the real threads: with workers, some preprocessing runs while a call runs; without,
+    none does. The input is consumed lazily: at most `prefetch` images beyond the call being filled."""
+    import time
+
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
+    spans = {"pre": [], "infer": []}
+    pre, infer = pipe.preprocess, pipe.backend.infer
+
+    def timed(kind, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spans[kind].append((t, time.perf_counter()))
+        return wrapped
+
+    pipe.preprocess, pipe.backend.infer = timed("pre", pre), timed("infer", infer)
+    imgs = images() * 3  # 24 images, several calls of at most 24 crops
+
+    def overlap() -> float:
+        return sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in spans["pre"] for a2, b2 in spans["infer"])
+
+    list(pipe.map(imgs, workers=0))
+    assert overlap() == 0.0
+    spans["pre"].clear(), spans["infer"].clear()
+    list(pipe.map(imgs, workers=2, prefetch=4))
+    assert overlap() > 0.0
+
+    consumed = []
+
+    def source():
+        for i, im in enumerate(imgs * 2):
+            consumed.append(i)
+            yield im
+
+    first_call, n = 0, 0  # images in the first call: consecutive images up to the bundle's max crops
+    for r in pipe(imgs):
+        if n + r.crops > pipe.max_crops:
+            break
+        n, first_call = n + r.crops, first_call + 1
+    it = pipe.map(source(), workers=2, prefetch=4)
+    first = next(it)  # yielded right after the first call ran
+    assert first.index == 0 and first.ok
+    assert len(consumed) <= first_call + 1 + 4  # the call, the image that did not fit, `prefetch` more
+    rest = list(it)
+    assert [r.index for r in [first] + rest] == list(range(2 * len(imgs)))
+
+
+def test_run_cli_takes_a_directory_and_a_glob(bundle, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, im in enumerate(images()[:4]):
+        im.save(d / f"{i}.png")
+    (d / "notes.txt").write_text("not an image, not picked up")
+    assert main(["run", "--engines", str(bundle), str(d), "--runtime", "onnxruntime", "--json", str(tmp_path / "a.json")]) == 0
+    rec = json.loads((tmp_path / "a.json").read_text())
+    assert [Path(r["path"]).name for r in rec] == ["0.png", "1.png", "2.png", "3.png"]
+    assert main(["run", "--engines", str(bundle), str(d / "[02].png"), "--runtime", "onnxruntime", "--workers", "0",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert [Path(r["path"]).name for r in json.loads((tmp_path / "b.json").read_text())] == ["0.png", "2.png"]
+    capsys.readouterr()
+    assert main(["run", "--engines", str(bundle), str(d / "*.jpg"), "--runtime", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the pattern matches no file" in err and "\n" not in err

@@ -7,12 +7,15 @@ the host. A bad image becomes an error in its own result and never stops the res
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -77,39 +80,69 @@ class MixpertPipeline:
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, images: Sequence) -> list[ImageResult]:
-        results = [ImageResult(i, str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>")
-                   for i, src in enumerate(images)]
-        pending: list[tuple[ImageResult, np.ndarray]] = []
-        for res, src in zip(results, images):
-            try:
-                px = self.preprocess(src)
-            except ImageError as e:
-                res.error = str(e)
-                continue
-            except MixpertError as e:
-                res.error = f"{res.source}: {e}"
-                continue
-            res.crops = len(px)
-            if res.crops > self.max_crops:
-                res.error = (f"{res.source}: needs {res.crops} crops, the bundle takes {self.max_crops} a call; "
-                             f"rebuild with --max-crops {res.crops} or more")
-                continue
-            pending.append((res, px))
-        for batch in self._batches(pending):
-            self.run_crops(batch)
-        return results
+        """Every image of `images` through the pipeline (preprocessed here, between calls): results in input order."""
+        return list(self.map(images, workers=0))
 
-    def _batches(self, pending):
-        """Consecutive images whose crops fit in one call (the engines' max crops)."""
+    def map(self, images: Iterable, workers: int | None = None, prefetch: int | None = None) -> Iterator[ImageResult]:
+        """Results in input order, each as soon as the call it ran in is done; calls group consecutive images up to
+        the bundle's max crops, as __call__ does. `workers` threads decode and preprocess the next images while a
+        call runs (PIL and the runtimes release the GIL), at most `prefetch` images ahead of the call being
+        filled, so memory stays bounded however long `images` is. workers=0: preprocess in this thread."""
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
+        if prefetch is None:  # two full calls of the largest images ahead
+            prefetch = max(2 * workers, 2 * max(1, self.max_crops // self.cfg.backbone.max_crops))
+        waiting: collections.deque[ImageResult] = collections.deque()  # input order, not yet yielded
         batch, n = [], 0
-        for item in pending:
-            if batch and n + len(item[1]) > self.max_crops:
-                yield batch
-                batch, n = [], 0
-            batch.append(item)
-            n += len(item[1])
+        for res, px in self._prepared(images, workers, prefetch):
+            waiting.append(res)
+            if px is not None:
+                if batch and n + len(px) > self.max_crops:
+                    self.run_crops(batch)
+                    batch, n = [], 0
+                batch.append((res, px))
+                n += len(px)
+            while waiting and (waiting[0].error is not None or waiting[0].tokens is not None):
+                yield waiting.popleft()
         if batch:
-            yield batch
+            self.run_crops(batch)
+        yield from waiting
+
+    def _prepared(self, images: Iterable, workers: int, prefetch: int):
+        """(result, crops or None) in input order; with workers, made up to `prefetch` images ahead."""
+        items = ((ImageResult(i, str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"), src)
+                 for i, src in enumerate(images))
+        if not workers:
+            for res, src in items:
+                yield res, self._prepare(res, src)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="mixpert-preprocess") as pool:
+            ahead: collections.deque = collections.deque()
+            for res, src in items:
+                ahead.append((res, pool.submit(self._prepare, res, src)))
+                if len(ahead) > prefetch:
+                    res, fut = ahead.popleft()
+                    yield res, fut.result()
+            while ahead:
+                res, fut = ahead.popleft()
+                yield res, fut.result()
+
+    def _prepare(self, res: ImageResult, src) -> np.ndarray | None:
+        """The image's crops, or None with `res.error` set (one line, this image only)."""
+        try:
+            px = self.preprocess(src)
+        except ImageError as e:
+            res.error = str(e)
+            return None
+        except MixpertError as e:
+            res.error = f"{res.source}: {e}"
+            return None
+        res.crops = len(px)
+        if res.crops > self.max_crops:
+            res.error = (f"{res.source}: needs {res.crops} crops, the bundle takes {self.max_crops} a call; "
+                         f"rebuild with --max-crops {res.crops} or more")
+            return None
+        return px
 
     def _count(self, part):
         self.stats.launches[part] = self.stats.launches.get(part, 0) + 1
