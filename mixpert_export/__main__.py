@@ -52,7 +52,8 @@ def cmd_run(args) -> int:
     from .runtime.pipeline import MixpertPipeline
 
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
-                                        tau=args.tau, lam=args.lam, per_crop=args.per_crop)
+                                        tau=args.tau, lam=args.lam, per_crop=args.per_crop,
+                                        preprocess_device=args.preprocess_device)
     results = list(pipe.map(image_paths(args.images), workers=args.workers))
     domains = pipe.cfg.domains
     rows = []
@@ -68,7 +69,8 @@ def cmd_run(args) -> int:
     print(format_table(["image", "expert", "top scores", "margin", "crops", "latency (batch)"], rows))
     d = pipe.describe()
     print(f"\n{d['backend']['runtime']} {d['backend']['version']} on {d['backend']['device']}, "
-          f"{d['strategy']} (tau={d['tau']}, lam={d['lam']}){', per-crop' if d['per_crop'] else ''}")
+          f"{d['strategy']} (tau={d['tau']}, lam={d['lam']}){', per-crop' if d['per_crop'] else ''}; "
+          f"preprocessing: {d['preprocess']['path']} on {d['preprocess']['device']}")
     if args.json:
         _atomic_write(Path(args.json), json.dumps([r.record() for r in results], indent=2).encode())
     if args.save_features:
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
     r.add_argument("--workers", type=int, help="threads preprocessing the next images while a call runs "
                                                "(default min(4, cores); 0: none)")
     r.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    r.add_argument("--preprocess-device", help="resize and normalise with torch on this device (cpu, cuda); "
+                                                  "default: PIL on the host, bit-identical to transformers")
     r.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     r.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
     r.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's, 0.6)")
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    s.add_argument("--preprocess-device", help="resize and normalise with torch on this device (cpu, cuda); "
+                                                  "default: PIL on the host, bit-identical to transformers")
     s.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     s.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
     s.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")

@@ -88,9 +88,13 @@ class Preprocessor:
     anyres canvas and the base image, with the processor's resampling), zero padding and crops by slicing, then one
     table lookup per channel that holds transformers' own arithmetic for each of the 256 byte values (float64
     rescale, float32 cast, float32 (x - mean) / std): the same float32 bits, without its float64 image copies and
-    numpy <-> PIL round trips. tests/test_preprocess.py checks it bit for bit against the processor."""
+    numpy <-> PIL round trips. tests/test_preprocess.py checks it bit for bit against the processor.
 
-    def __init__(self, backbone: Backbone, fast: bool = True):
+    `device` ("cpu", "cuda"): the same geometry and table with torch's antialiased resize on that device
+    (preprocess_device.py); decoding stays on the host. Within 2 byte levels of the PIL path, not bit-identical;
+    on a GPU the crops come back as a tensor on it. tests/test_preprocess_device.py states and checks the tolerance."""
+
+    def __init__(self, backbone: Backbone, fast: bool = True, device: str | None = None, exact_uint8: bool | None = None):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
@@ -105,6 +109,14 @@ class Preprocessor:
                 image_mean=list(backbone.image_mean), image_std=list(backbone.image_std), do_convert_rgb=True,
             )
         self.lut = self._lookup_table(self.processor) if fast else None
+        self.resizer = None
+        if device is not None:  # resize (and on a GPU normalise) with torch on `device`; decode stays here
+            from .preprocess_device import DeviceResizer
+
+            if self.lut is None:
+                raise MixpertError("this processor config has steps only transformers' processor reproduces; "
+                                   "preprocess on the host (drop --preprocess-device)")
+            self.resizer = DeviceResizer(device, self.processor.resample, exact_uint8)
 
     @staticmethod
     def _lookup_table(p) -> np.ndarray | None:
@@ -126,10 +138,19 @@ class Preprocessor:
         w, h = image.size
         bh, bw = select_best_resolution((h, w), p.image_grid_pinpoints)
         nh, nw = get_patch_output_size(np.broadcast_to(np.uint8(0), (3, h, w)), (bh, bw), "channels_first")
+        if self.resizer is not None and not self.resizer.uint8:  # float interpolation: all of it on the device
+            from .preprocess_device import tiles_on_device
+
+            return tiles_on_device(self.resizer, image, self.lut, S, (bh, bw), (nh, nw))
+        if self.resizer is not None:  # torch's uint8 kernels on the CPU in place of PIL's resize
+            src = self.resizer.image(image)
+            resized = lambda w, h: self.resizer.resize(src, h, w).permute(1, 2, 0).numpy()  # noqa: E731
+        else:
+            resized = lambda w, h: np.asarray(image.resize((w, h), p.resample))  # noqa: E731
         canvas = np.zeros((bh, bw, 3), np.uint8)  # transformers pads the anyres canvas with zeros, centred
         y, x = (bh - nh) // 2, (bw - nw) // 2
-        canvas[y:y + nh, x:x + nw] = np.asarray(image.resize((nw, nh), p.resample))
-        tiles = [np.asarray(image.resize((S, S), p.resample))]  # the base image first, then the grid row by row
+        canvas[y:y + nh, x:x + nw] = resized(nw, nh)
+        tiles = [resized(S, S)]  # the base image first, then the grid row by row
         tiles += [canvas[i:i + S, j:j + S] for i in range(0, bh, S) for j in range(0, bw, S)]
         out = np.empty((len(tiles), 3, S, S), np.float32)
         for k, tile in enumerate(tiles):
@@ -137,7 +158,8 @@ class Preprocessor:
                 np.take(self.lut[c], tile[..., c], out=out[k, c])
         return out
 
-    def crops(self, image: Image.Image) -> np.ndarray:
+    def crops(self, image: Image.Image):
+        """[n_crops, 3, S, S] float32: numpy, or a torch tensor on the preprocessing device when that is not the CPU."""
         if self.lut is not None:
             return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image)
         out = self.processor(images=[image], return_tensors="np")
@@ -146,5 +168,22 @@ class Preprocessor:
             raise ImageError("preprocessing produced NaN or infinite values")
         return px
 
-    def __call__(self, src) -> np.ndarray:
+    def __call__(self, src):
         return self.crops(load_image(src))
+
+    def describe(self) -> dict:
+        """Which path makes the crops, for reports."""
+        if self.resizer is not None:
+            return {"path": f"torch {'uint8' if self.resizer.uint8 else 'float32'} resize",
+                    "device": str(self.resizer.device)}
+        return {"path": "fast PIL + table (bit-identical)" if self.lut is not None else "transformers processor",
+                "device": "cpu"}
+
+
+def concat_crops(crops: list):
+    """One batch from several images' crops: numpy stays numpy; device tensors are joined on their device."""
+    if all(isinstance(c, np.ndarray) for c in crops):
+        return np.concatenate(crops)
+    import torch
+
+    return torch.cat([torch.as_tensor(c) for c in crops])

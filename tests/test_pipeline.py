@@ -421,3 +421,47 @@ def test_run_cli_takes_a_directory_and_a_glob(bundle, tmp_path, capsys):
     assert main(["run", "--engines", str(bundle), str(d / "*.jpg"), "--runtime", "onnxruntime"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the pattern matches no file" in err and "\n" not in err
+
+
+# --- preprocessing with torch on a device: tokens-level check against the PIL path ---------------------------
+
+def _cosines(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _tokens_agree(got, want):
+    """Identical routing on the fixed set; every crop's tokens at cosine >= 0.9999 to the PIL path's."""
+    assert [r.expert for r in got] == [r.expert for r in want]
+    assert len({r.expert for r in want}) >= 2  # the set routes to several experts: routing is really compared
+    worst = min(float(_cosines(a.tokens, b.tokens).min()) for a, b in zip(got, want))
+    assert worst >= 0.9999, worst
+    return worst
+
+
+def test_torch_cpu_preprocessing_gives_the_same_routing_and_tokens_within_cosine(bundle, pipes, tmp_path, capsys):
+    imgs = images() + images(seed=1)
+    dev = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct", preprocess_device="cpu")
+    assert dev.describe()["preprocess"]["path"] == "torch uint8 resize"
+    _tokens_agree(dev(imgs), pipes["onnxruntime"](imgs))
+    paths = []
+    for i, im in enumerate(imgs[:3]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        im.save(paths[-1])
+    assert main(["run", "--engines", str(bundle), *paths, "--runtime", "onnxruntime", "--preprocess-device", "cpu"]) == 0
+    assert "preprocessing: torch uint8 resize on cpu" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_cuda_preprocessing_feeds_the_gpu_backend_without_the_host(bundle, pipes, runtime):
+    _need_cuda()
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime without the CUDA EP (pip install onnxruntime-gpu)")
+    imgs = images() + images(seed=1)
+    dev = MixpertPipeline.from_engines(bundle, runtime=runtime, device="cuda", strategy="direct", preprocess_device="cuda")
+    assert dev.describe()["preprocess"] == {"path": "torch float32 resize", "device": "cuda"}
+    _tokens_agree(dev(imgs), pipes["onnxruntime"](imgs))

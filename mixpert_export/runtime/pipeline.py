@@ -24,7 +24,7 @@ from mixpert_train.model import margins, pool_matrix, route
 
 from mixpert_export.bundle import manifest as mf
 from .backends import create_backend
-from mixpert_train.preprocess import ImageError, Preprocessor
+from mixpert_train.preprocess import ImageError, Preprocessor, concat_crops
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PipelineStats:
 
 class MixpertPipeline:
     def __init__(self, backend, manifest: dict, strategy: str | None = None, tau: float | None = None,
-                 lam: float | None = None, per_crop: bool = False):
+                 lam: float | None = None, per_crop: bool = False, preprocess_device: str | None = None):
         self.backend = backend
         self.manifest = manifest
         self.cfg = mf.bundle_config(manifest)
@@ -66,7 +66,7 @@ class MixpertPipeline:
         self.lam = self.cfg.lam if lam is None else lam
         self.per_crop = per_crop
         self.max_crops = int(manifest["max_crops"])
-        self.preprocess = Preprocessor(self.cfg.backbone)
+        self.preprocess = Preprocessor(self.cfg.backbone, device=preprocess_device)  # None: PIL on the host
         self.stats = PipelineStats()
         self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
@@ -158,7 +158,7 @@ class MixpertPipeline:
         be = self.backend
         t0 = time.perf_counter()
         counts = [len(px) for _, px in batch]
-        pixels = np.concatenate([px for _, px in batch])
+        pixels = concat_crops([px for _, px in batch])
         hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
         self._count("trunk")
         pool = pool_matrix(counts, per_crop=self.per_crop)
@@ -192,5 +192,6 @@ class MixpertPipeline:
                 res.tokens = None
 
     def describe(self) -> dict:
-        return {"backend": self.backend.describe(), "strategy": self.strategy, "tau": self.tau, "lam": self.lam,
+        return {"backend": self.backend.describe(), "preprocess": self.preprocess.describe(), "strategy": self.strategy,
+                "tau": self.tau, "lam": self.lam,
                 "per_crop": self.per_crop, "max_crops": self.max_crops}

@@ -120,7 +120,8 @@ def serve(args) -> int:
     from mixpert_export.runtime.pipeline import MixpertPipeline
 
     pipeline = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device,
-                                            strategy=args.strategy, tau=args.tau)
+                                            strategy=args.strategy, tau=args.tau,
+                                            preprocess_device=args.preprocess_device)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach it can send requests (no auth)", file=sys.stderr)
     triton = create_server(pipeline, args.host, args.http_port, args.grpc_port, args.metrics_port,

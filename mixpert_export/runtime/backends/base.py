@@ -33,9 +33,11 @@ class Backend(ABC):
     def describe(self) -> dict:
         """Runtime, version, device and precision, for reports."""
 
-    def from_host(self, x: np.ndarray):
-        """A host array as this backend's input type (identity on CPU)."""
-        return x
+    def from_host(self, x):
+        """Crops as this backend's input type: a host array stays one (identity on CPU); a torch tensor from
+        device preprocessing (preprocess_device.py) is brought to the host here, or kept on the device by
+        backends that take device tensors."""
+        return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
 
     def to_host(self, x) -> np.ndarray:
         return np.asarray(x)

@@ -101,11 +101,13 @@ class OnnxRuntimeBackend(Backend):
                                   graphs=False, buckets=self.buckets)  # ONNX Runtime captures its own graphs
 
     # --- CUDA: IOBinding on torch CUDA tensors, so the trunk's output stays on the device between parts ---
-    def from_host(self, x: np.ndarray):
+    def from_host(self, x):
         if self.device != "cuda" and self.static is None:
-            return x
+            return super().from_host(x)
         import torch
 
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device).contiguous()
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_host(self, x) -> np.ndarray:

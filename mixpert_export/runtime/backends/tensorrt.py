@@ -48,7 +48,11 @@ class TensorRTBackend(Backend):
         t, torch = self.trt.module, self.torch
         return {t.float32: torch.float32, t.float16: torch.float16, t.bfloat16: torch.bfloat16}[trt_dtype]
 
-    def from_host(self, x: np.ndarray):
+    def from_host(self, x):
+        if isinstance(x, self.torch.Tensor):  # device preprocessing's crops, made on torch's current stream
+            x = x.to("cuda", non_blocking=True).contiguous()
+            self.stream.wait_stream(self.torch.cuda.current_stream())
+            return x
         return self.torch.from_numpy(np.ascontiguousarray(x)).to("cuda", non_blocking=True)
 
     def to_host(self, x) -> np.ndarray:

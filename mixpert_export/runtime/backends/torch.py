@@ -62,7 +62,9 @@ class TorchBackend(Backend):
                 graphs=self.graphs, buckets=self.buckets, streams=self.streams)
         return self
 
-    def from_host(self, x: np.ndarray):
+    def from_host(self, x):
+        if isinstance(x, torch.Tensor):  # device preprocessing's crops
+            return x.to(self.device)
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_host(self, x) -> np.ndarray:
