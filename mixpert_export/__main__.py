@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     s.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
     s.add_argument("--max-batch-size", type=int, default=32, help="requests Triton merges into one pipeline call")
     s.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher wait for more requests")
+    s.add_argument("--instances", type=int, default=2, help="model instances sharing the pipeline: the next merged "
+                   "batch is preprocessed while one runs (default 2)")
+    s.add_argument("--workers", type=int, help="threads decoding a merged batch's images (default min(4, cores); 0: none)")
     s.add_argument("--verbose", action="store_true", help="Triton's own log")
     s.set_defaults(func=cmd_serve)
     t = sub.add_parser("triton", help="write a Triton model repository (parts + a Python-backend 'mixpert' model)")

@@ -223,3 +223,39 @@ def test_python_backend_env_puts_this_interpreters_libpython_first(monkeypatch):
         assert env["LD_LIBRARY_PATH"].split(":") == [sysconfig.get_config_var("LIBDIR"), "/opt/x"]
     else:  # a static interpreter: nothing to point the stub at, the path is left alone
         assert env["LD_LIBRARY_PATH"] == "/opt/x"
+
+
+def test_serve_callables_share_one_pipeline_and_preprocess_on_worker_threads(bundle, images, expected):
+    """What `serve` binds: `instances` callables over one pipeline, each decoding its merged batch on a thread
+    pool. Two batches at once (as Triton sends them to two instances) get their own right answers."""
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+    from mixpert_export.serving.serve import PipelineCallable, create_server
+
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime")
+    threads_seen = set()
+    pre = pipe.preprocess
+
+    def spy(src):
+        threads_seen.add(threading.current_thread().name.split("_")[0])
+        return pre(src)
+
+    pipe.preprocess = spy
+    callables = [PipelineCallable(pipe, workers=2) for _ in range(2)]
+    batches = [[{"image": np.array([[im]], dtype=object)} for im in images[k::2]] for k in range(2)]
+    answers = [None, None]
+
+    def call(k):
+        answers[k] = callables[k](batches[k])
+
+    ts = [threading.Thread(target=call, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for k in range(2):
+        for resp, want in zip(answers[k], expected[k::2]):
+            assert resp["error"][0, 0] == b"" and resp["expert"][0, 0].decode() == want["expert"]
+            assert np.allclose(resp["tokens"][0], want["tokens"], atol=1e-4)
+    assert threads_seen == {"mixpert-preprocess"}
+    with pytest.raises(MixpertError, match="--instances 0"):
+        create_server(pipe, instances=0)

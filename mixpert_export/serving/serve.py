@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixpert_train.errors import MixpertError
+
 MODEL = "mixpert"
 INPUT = "image"
 OUTPUTS = ("tokens", "expert", "scores", "crops", "error")
@@ -42,8 +44,9 @@ def python_backend_env() -> dict:
 class PipelineCallable:
     """PyTriton's inference callable: a list of requests in (one merged batch), one response dict each out."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, workers: int | None = None):
         self.pipeline = pipeline
+        self.workers = workers  # threads decoding this merged batch's images (None: min(4, cores); 0: none)
         bb = pipeline.cfg.backbone
         self.token_shape = (bb.tokens_per_crop, bb.llm_hidden_size)
         self.n_domains = len(pipeline.cfg.domains)
@@ -68,7 +71,7 @@ class PipelineCallable:
             data = x[0, 0]
             images.append(bytes(data) if isinstance(data, (bytes, bytearray, np.bytes_)) else str(data).encode())
             owners.append(i)
-        for i, res in zip(owners, self.pipeline(images)):
+        for i, res in zip(owners, self.pipeline.map(images, workers=self.workers)):
             if not res.ok:
                 responses[i] = self._error(res.error.replace("<bytes>", "image"))
                 continue
@@ -95,9 +98,15 @@ def model_tensors(pipeline):
 
 def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PORTS["http"],
                   grpc_port: int = DEFAULT_PORTS["grpc"], metrics_port: int = DEFAULT_PORTS["metrics"],
-                  max_batch_size: int = 32, max_queue_delay_us: int = 2000, verbose: bool = False):
+                  max_batch_size: int = 32, max_queue_delay_us: int = 2000, verbose: bool = False,
+                  instances: int = 2, workers: int | None = None):
     """A started-on-run() PyTriton server with `mixpert` bound. Use as a context manager; .run() returns once
-    the model is ready, .serve() blocks."""
+    the model is ready, .serve() blocks.
+
+    `instances` callables share the one pipeline, so Triton hands a second merged batch to the model while the
+    first one runs: its images are decoded and preprocessed (PIL releases the GIL) while the first batch's crops
+    are on the runtime, and a backend with static buffers still runs one call at a time (the pipeline's lock).
+    In flight at most `instances` x `max_batch_size` requests: memory stays bounded."""
     os.environ.update(python_backend_env())  # before the server process starts
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
@@ -109,7 +118,10 @@ def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PO
                           exit_on_error=True)
     triton = Triton(config=config)
     inputs, outputs = model_tensors(pipeline)
-    triton.bind(model_name=MODEL, infer_func=PipelineCallable(pipeline), inputs=inputs, outputs=outputs,
+    if instances < 1:
+        raise MixpertError(f"--instances {instances}: serve needs at least one model instance")
+    triton.bind(model_name=MODEL, infer_func=[PipelineCallable(pipeline, workers) for _ in range(instances)],
+                inputs=inputs, outputs=outputs,
                 config=ModelConfig(max_batch_size=max_batch_size,
                                    batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)),
                 strict=False)
@@ -125,7 +137,7 @@ def serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach it can send requests (no auth)", file=sys.stderr)
     triton = create_server(pipeline, args.host, args.http_port, args.grpc_port, args.metrics_port,
-                           args.max_batch_size, args.max_queue_delay_us, args.verbose)
+                           args.max_batch_size, args.max_queue_delay_us, args.verbose, args.instances, args.workers)
     d = pipeline.describe()["backend"]
     with triton:
         triton.run()
