@@ -87,3 +87,30 @@ def test_gate_exits_non_zero_on_regression(tmp_path, monkeypatch):
     rc = latency.main(["--bundle", str(tmp_path / "b"), "--batch", "1", "--rounds", "1", "--warmup", "0",
                        "--out", str(tmp_path / "r"), "--baseline", str(base), "--max-regression", "5%"])
     assert rc == 1
+
+
+def test_e2e_smoke_on_tiny(tmp_path):
+    """bytes -> tokens: per-core preprocessing of three paths, the overlap figures and the files, on a tiny bundle.
+    The checks are what must hold on any machine, however loaded: both fast paths beat transformers' processor,
+    and end to end is never faster than either stage alone (it includes both)."""
+    import e2e
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
+
+    model, src = resolve("tiny", random_init=True)
+    bundle = tmp_path / "b"
+    build_bundle(model, bundle, runtime="onnxruntime", max_crops=20, source=src, progress=False)
+    out = tmp_path / "res"
+    assert e2e.main(["--bundle", str(bundle), "--rounds", "2", "--sizes", "small", "768x1024", "--repeat", "2",
+                     "--intra-threads", "1", "--out", str(out)]) == 0
+    (js,) = out.glob("e2e_*_onnxruntime_tiny.json")
+    rep = json.loads(js.read_text())
+    pc = rep["per_core"]
+    assert pc["crops"] == {"small.jpeg": 10, "small.png": 10, "768x1024.jpeg": 10, "768x1024.png": 10}  # tiny 3x3 grid
+    assert pc["speedup"]["fast_pil"]["median"] > 1.1 and pc["speedup"]["torch_uint8"]["median"] > 1.1  # tiny: decoding dominates
+    for ov in rep["overlap"].values():
+        m = ov["median_s"]
+        assert ov["images"] == 8 and ov["crops"] == 80 and ov["calls"] == 4
+        assert m["end_to_end"] >= 0.9 * max(m["preprocessing"], m["inference"])
+        assert set(ov["latency_ms"]) == {"small.jpeg", "small.png", "768x1024.jpeg", "768x1024.png"}
+    assert js.with_suffix(".png").stat().st_size > 10_000 and "crops/s per core" in js.with_suffix(".md").read_text()
