@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
 
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
                                         tau=args.tau, lam=args.lam, per_crop=args.per_crop,
-                                        preprocess_device=args.preprocess_device)
+                                        preprocess_device=args.preprocess_device, packed=args.packed)
     results = list(pipe.map(image_paths(args.images), workers=args.workers))
     domains = pipe.cfg.domains
     rows = []
@@ -77,7 +77,7 @@ def cmd_run(args) -> int:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, **{str(r.index): r.tokens for r in results if r.ok})
+        np.savez(buf, **{str(r.index): r.embeddings if args.packed else r.tokens for r in results if r.ok})
         _atomic_write(Path(args.save_features), buf.getvalue())
     return 0 if all(r.ok for r in results) else 1
 
@@ -176,7 +176,10 @@ def main(argv=None) -> int:
     r.add_argument("--lam", type=float, help="score-threshold threshold (default: the bundle's)")
     r.add_argument("--per-crop", action="store_true", help="route every crop on its own (paper Table 8)")
     r.add_argument("--json", help="one record per input: path, expert, scores, margin, crops, or its error")
-    r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position")
+    r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position "
+                                           "([L, D_llm] packed embeddings with --packed)")
+    r.add_argument("--packed", action="store_true", help="the embeddings the MLLM splices in for each image "
+                                                         "(LLaVA-OV: anyres packing with the snapshot's image_newline)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("serve", help="serve the pipeline on a Triton Inference Server started through PyTriton")
     s.add_argument("--engines", required=True, help="bundle directory (from build)")
@@ -192,6 +195,8 @@ def main(argv=None) -> int:
     s.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
     s.add_argument("--max-batch-size", type=int, default=32, help="requests Triton merges into one pipeline call")
     s.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher wait for more requests")
+    s.add_argument("--packed", action="store_true", help="answer with `embeddings` [1, L, D_llm], the sequence the "
+                                                         "MLLM splices in, in place of per-crop `tokens`")
     s.add_argument("--instances", type=int, default=2, help="model instances sharing the pipeline: the next merged "
                    "batch is preprocessed while one runs (default 2)")
     s.add_argument("--workers", type=int, help="threads decoding a merged batch's images (default min(4, cores); 0: none)")

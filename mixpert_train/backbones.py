@@ -134,9 +134,15 @@ class Adapter:
     # `embeddings.*` and `encoder.layers.<i>.*`, as transformers' vision model names them.
     tower_prefixes: tuple = field(default=())
     projector_prefixes: tuple = field(default=())
+    packing_keys: tuple = field(default=())  # snapshot keys of model.Packing's image_newline, if the family has one
 
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError
+
+    def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):
+        """One image's per-crop tokens [n_crops, T, D_llm] -> the embeddings [L, D_llm] the family's MLLM puts at
+        its image-token positions, in order. image_size: the original (height, width)."""
+        raise NotImplementedError(f"{self.family}: no packing of visual tokens for the LLM yet")
 
     def layer(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError

@@ -25,10 +25,10 @@ CHECKPOINT = Output("Mixpert checkpoint", META, FORMAT)
 
 
 def part_files(cfg: MixpertConfig) -> dict[str, str]:
-    """part name -> file name: 'trunk', 'router', then 'expert_<name>' for every expert."""
+    """part name -> file name: 'trunk', 'router', 'expert_<name>' for every expert, then 'packing'."""
     files = {"trunk": "trunk.safetensors", "router": "router.safetensors"}
     files |= {f"expert_{e}": f"expert_{e}.safetensors" for e in cfg.experts}
-    return files
+    return files | {"packing": "packing.safetensors"}  # image_newline: what the LLM side adds (model.Packing)
 
 
 def _module(model: MixpertVision, part: str) -> torch.nn.Module:

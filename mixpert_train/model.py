@@ -177,8 +177,20 @@ class SingleEncoder(nn.Module):
         return self.expert(self.trunk(pixel_values))
 
 
+class Packing(nn.Module):
+    """What the MLLM adds around an image's visual tokens before its language model: LLaVA-OneVision's learned
+    `image_newline` [D_llm] (the snapshot's own tensor), frozen. It travels in the checkpoint and the bundle so
+    the deployed pipeline packs tokens exactly as the MLLM does without the snapshot at hand. Not counted in the
+    vision side's parameters (it belongs to the LLM's input)."""
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        self.image_newline = nn.Parameter(torch.empty(cfg.backbone.llm_hidden_size), requires_grad=False)
+
+
 class MixpertVision(nn.Module):
-    """Trunk + router + one expert per name in cfg.experts (the domains, then versatile)."""
+    """Trunk + router + one expert per name in cfg.experts (the domains, then versatile), and the packing
+    tensors the runtime needs to hand the LLM its embeddings."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
@@ -186,6 +198,7 @@ class MixpertVision(nn.Module):
         self.trunk = Trunk(cfg)
         self.router = Router(cfg)
         self.experts = nn.ModuleDict({name: Expert(cfg) for name in cfg.experts})
+        self.packing = Packing(cfg)
 
     def single_encoder(self) -> SingleEncoder:
         return SingleEncoder(self.trunk, self.experts[VERSATILE])

@@ -171,6 +171,11 @@ class Preprocessor:
     def __call__(self, src):
         return self.crops(load_image(src))
 
+    def prepare(self, src) -> tuple:
+        """(crops, (height, width) of the decoded image): what packing for the LLM needs besides the tokens."""
+        image = load_image(src)
+        return self.crops(image), (image.height, image.width)
+
     def describe(self) -> dict:
         """Which path makes the crops, for reports."""
         if self.resizer is not None:

@@ -79,6 +79,8 @@ def canonical_name(key: str, bb: Backbone) -> str | None:
     for p in ad.projector_prefixes:
         if key.startswith(p):
             return "projector." + key[len(p):]
+    if key in ad.packing_keys:
+        return "packing.image_newline"
     return None
 
 
@@ -86,6 +88,8 @@ def target_key(canonical: str, cfg: MixpertConfig) -> str | None:
     """Where a canonical snapshot tensor goes in MixpertVision (versatile expert), or None if unused
     (the deleted last layer, post-layernorm, pooling head)."""
     kind, rest = canonical.split(".", 1)
+    if kind == "packing":
+        return canonical
     if kind == "projector":
         return f"experts.{VERSATILE}.projector.{rest}"
     if rest.startswith("embeddings."):
@@ -115,7 +119,7 @@ def load_snapshot(model: MixpertVision, snapshot: str | Path) -> dict:
         if tgt is not None:
             wanted[tgt] = (key, shard)
     state = model.state_dict()
-    need = [k for k in state if k.startswith("trunk.") or k.startswith(f"experts.{VERSATILE}.")]
+    need = [k for k in state if k.startswith(("trunk.", f"experts.{VERSATILE}.", "packing."))]
     need = [k for k in need if not k.endswith("position_ids")]  # a buffer, not a weight
     missing = [k for k in need if k not in wanted]
     if missing:

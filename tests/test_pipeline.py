@@ -362,7 +362,7 @@ def test_map_overlaps_preprocessing_with_inference_and_stays_bounded(bundle):
 
     pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
     spans = {"pre": [], "infer": []}
-    pre, infer = pipe.preprocess, pipe.backend.infer
+    pre, infer = pipe.preprocess.prepare, pipe.backend.infer
 
     def timed(kind, fn):
         def wrapped(*a, **k):
@@ -373,7 +373,7 @@ def test_map_overlaps_preprocessing_with_inference_and_stays_bounded(bundle):
                 spans[kind].append((t, time.perf_counter()))
         return wrapped
 
-    pipe.preprocess, pipe.backend.infer = timed("pre", pre), timed("infer", infer)
+    pipe.preprocess.prepare, pipe.backend.infer = timed("pre", pre), timed("infer", infer)
     imgs = images() * 3  # 24 images, several calls of at most 24 crops
 
     def overlap() -> float:

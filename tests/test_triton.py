@@ -233,13 +233,13 @@ def test_serve_callables_share_one_pipeline_and_preprocess_on_worker_threads(bun
 
     pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime")
     threads_seen = set()
-    pre = pipe.preprocess
+    pre = pipe.preprocess.prepare
 
     def spy(src):
         threads_seen.add(threading.current_thread().name.split("_")[0])
         return pre(src)
 
-    pipe.preprocess = spy
+    pipe.preprocess.prepare = spy
     callables = [PipelineCallable(pipe, workers=2) for _ in range(2)]
     batches = [[{"image": np.array([[im]], dtype=object)} for im in images[k::2]] for k in range(2)]
     answers = [None, None]

@@ -149,6 +149,7 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
             manifest["parts"] = export_parts(model, tmp, precision, max_crops, with_baseline, validate, progress)
             if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
                 compile_engines(tmp, manifest, gpu_targets, progress)
+        manifest["packing"] = mf.write_packing(tmp, model)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)
@@ -170,6 +171,8 @@ def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_t
                 shutil.copy2(src / fname, tmp / fname)
         if (src / "timing.cache").is_file():
             shutil.copy2(src / "timing.cache", tmp / "timing.cache")
+        if manifest.get("packing"):
+            shutil.copy2(src / manifest["packing"]["file"], tmp / manifest["packing"]["file"])
         compile_engines(tmp, manifest, gpu_targets, progress, prefer)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)

@@ -68,7 +68,37 @@ def read_manifest(bundle: str | Path) -> dict:
                     member(bundle, name, bundle / NAME)
     if (manifest.get("tensorrt") or {}).get("timing_cache"):
         member(bundle, manifest["tensorrt"]["timing_cache"], bundle / NAME)
+    if manifest.get("packing"):
+        member(bundle, manifest["packing"]["file"], bundle / NAME)
     return manifest
+
+
+PACKING = "packing.safetensors"
+
+
+def write_packing(bundle: Path, model) -> dict:
+    """The LLM-side tensors packing needs (model.Packing: image_newline), beside the parts; its manifest entry."""
+    from safetensors.numpy import save_file
+
+    f = Path(bundle) / PACKING
+    save_file({k: v.detach().float().cpu().numpy() for k, v in model.packing.state_dict().items()}, str(f))
+    return {"file": PACKING, "sha256": sha256(f), "tensors": sorted(model.packing.state_dict())}
+
+
+def read_packing(bundle: str | Path, manifest: dict) -> dict:
+    """{'image_newline': float32 [D_llm]} from the bundle, checked against its manifest."""
+    from safetensors.numpy import load_file
+
+    bundle = Path(bundle)
+    entry = manifest.get("packing")
+    if not entry:
+        raise MixpertError(f"{bundle / NAME}: this bundle carries no packing tensors (built before they were "
+                           f"exported); rebuild: {rebuild_command(manifest, bundle)}")
+    f = bundle / entry["file"]
+    if not f.is_file() or sha256(f) != entry["sha256"]:
+        raise MixpertError(f"{f}: {'missing' if not f.is_file() else 'sha256 differs from ' + NAME}; "
+                           f"rebuild: {rebuild_command(manifest, bundle)}")
+    return load_file(str(f))
 
 
 def bundle_config(manifest: dict) -> MixpertConfig:

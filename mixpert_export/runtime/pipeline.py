@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
 from mixpert_train.model import margins, pool_matrix, route
 
 from mixpert_export.bundle import manifest as mf
@@ -35,7 +36,9 @@ class ImageResult:
     scores: list | None = None  # router softmax over the domains (per crop with per_crop routing)
     margin: float | list | None = None  # top1 - top2
     crops: int = 0
-    tokens: Any = None  # [n_crops, T, D_llm]: what the LLM consumes
+    tokens: Any = None  # [n_crops, T, D_llm]: the experts' output, per crop
+    embeddings: Any = None  # [L, D_llm] with packed=True: what the LLM splices in at the image's token positions
+    image_size: tuple | None = None  # (height, width) of the decoded image
     error: str | None = None
     latency_ms: float = 0.0  # the batch this image ran in (preprocessing excluded)
 
@@ -47,7 +50,8 @@ class ImageResult:
         d = {"index": self.index, "path": self.source, "crops": self.crops}
         if self.error:
             return d | {"error": self.error}
-        return d | {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms}
+        d |= {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms}
+        return d | ({"embeddings_shape": list(self.embeddings.shape)} if self.embeddings is not None else {})
 
 
 @dataclass
@@ -57,7 +61,8 @@ class PipelineStats:
 
 class MixpertPipeline:
     def __init__(self, backend, manifest: dict, strategy: str | None = None, tau: float | None = None,
-                 lam: float | None = None, per_crop: bool = False, preprocess_device: str | None = None):
+                 lam: float | None = None, per_crop: bool = False, preprocess_device: str | None = None,
+                 packing: dict | None = None):
         self.backend = backend
         self.manifest = manifest
         self.cfg = mf.bundle_config(manifest)
@@ -67,16 +72,24 @@ class MixpertPipeline:
         self.per_crop = per_crop
         self.max_crops = int(manifest["max_crops"])
         self.preprocess = Preprocessor(self.cfg.backbone, device=preprocess_device)  # None: PIL on the host
+        # packing (the bundle's image_newline, manifest.read_packing): each result also gets the embeddings its MLLM
+        # splices in for the image (the family adapter's pack), not only the per-crop tokens
+        self.packing = packing
+        if packing is not None and per_crop:
+            raise MixpertError("packed embeddings need one expert an image; drop --per-crop")
         self.stats = PipelineStats()
         self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
 
     @classmethod
     def from_engines(cls, bundle: str | Path, runtime: str = "auto", device: str | None = None, model=None,
-                     backend_options: dict | None = None, **routing):
+                     backend_options: dict | None = None, packed: bool = False, **routing):
+        """packed=True: results carry `embeddings`, the sequence the MLLM's LLM takes for each image."""
         bundle = Path(bundle)
         manifest = mf.read_manifest(bundle)
-        return cls(create_backend(runtime, bundle, manifest, device, model, **(backend_options or {})), manifest, **routing)
+        packing = mf.read_packing(bundle, manifest) if packed else None
+        return cls(create_backend(runtime, bundle, manifest, device, model, **(backend_options or {})), manifest,
+                   packing=packing, **routing)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, images: Sequence) -> list[ImageResult]:
@@ -130,7 +143,7 @@ class MixpertPipeline:
     def _prepare(self, res: ImageResult, src) -> np.ndarray | None:
         """The image's crops, or None with `res.error` set (one line, this image only)."""
         try:
-            px = self.preprocess(src)
+            px, res.image_size = self.preprocess.prepare(src)
         except ImageError as e:
             res.error = str(e)
             return None
@@ -190,6 +203,9 @@ class MixpertPipeline:
             if not np.isfinite(res.tokens.astype(np.float32)).all():
                 res.error = f"{res.source}: the model produced NaN or infinite tokens for this image"
                 res.tokens = None
+            elif self.packing is not None:
+                res.embeddings = adapter_for(self.cfg.backbone).pack(
+                    self.cfg.backbone, res.tokens, res.image_size, self.packing["image_newline"])
 
     def describe(self) -> dict:
         return {"backend": self.backend.describe(), "preprocess": self.preprocess.describe(), "strategy": self.strategy,

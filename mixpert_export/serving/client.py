@@ -10,15 +10,16 @@ import numpy as np
 
 from mixpert_train.errors import MixpertError
 
-from .serve import INPUT, MODEL, OUTPUTS
+from .serve import INPUT, MODEL, OUTPUTS, PACKED_OUTPUTS
 
 
 @dataclass
 class Encoded:
-    tokens: np.ndarray  # [n_crops, T, D_llm]
+    tokens: np.ndarray | None  # [n_crops, T, D_llm]; None from a `serve --packed` server
     expert: str
     scores: np.ndarray  # [n_domains]
     crops: int
+    embeddings: np.ndarray | None = None  # [L, D_llm] from a `serve --packed` server
 
 
 class MixpertClient:
@@ -28,6 +29,13 @@ class MixpertClient:
         self._grpc = grpcclient
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.client = grpcclient.InferenceServerClient(url)
+        self._outputs = None  # the model's output names, read once from its metadata
+
+    def outputs(self) -> tuple:
+        if self._outputs is None:
+            names = {o.name for o in self.client.get_model_metadata(self.model).outputs}
+            self._outputs = PACKED_OUTPUTS if "embeddings" in names else OUTPUTS
+        return self._outputs
 
     def ready(self) -> bool:
         try:
@@ -43,7 +51,7 @@ class MixpertClient:
         x = self._grpc.InferInput(INPUT, [1, 1], "BYTES")
         x.set_data_from_numpy(np.array([[data]], dtype=object))
         try:
-            r = self.client.infer(self.model, [x], outputs=[self._grpc.InferRequestedOutput(n) for n in OUTPUTS],
+            r = self.client.infer(self.model, [x], outputs=[self._grpc.InferRequestedOutput(n) for n in self.outputs()],
                                   client_timeout=self.timeout_s)
         except InferenceServerException as e:
             status = e.status() or ""
@@ -54,8 +62,11 @@ class MixpertClient:
         error = r.as_numpy("error")
         if error is not None and error.reshape(-1)[0]:
             raise MixpertError(error.reshape(-1)[0].decode())
-        return Encoded(tokens=r.as_numpy("tokens")[0], expert=r.as_numpy("expert").reshape(-1)[0].decode(),
-                       scores=r.as_numpy("scores")[0], crops=int(r.as_numpy("crops").reshape(-1)[0]))
+        packed = "embeddings" in self.outputs()
+        first = r.as_numpy("embeddings" if packed else "tokens")[0]
+        return Encoded(tokens=None if packed else first, expert=r.as_numpy("expert").reshape(-1)[0].decode(),
+                       scores=r.as_numpy("scores")[0], crops=int(r.as_numpy("crops").reshape(-1)[0]),
+                       embeddings=first if packed else None)
 
     def close(self):
         self.client.close()

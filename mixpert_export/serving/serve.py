@@ -25,6 +25,7 @@ from mixpert_train.errors import MixpertError
 MODEL = "mixpert"
 INPUT = "image"
 OUTPUTS = ("tokens", "expert", "scores", "crops", "error")
+PACKED_OUTPUTS = ("embeddings",) + OUTPUTS[1:]  # serve --packed: [1, L, D_llm], what the LLM splices in
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
@@ -48,13 +49,15 @@ class PipelineCallable:
         self.pipeline = pipeline
         self.workers = workers  # threads decoding this merged batch's images (None: min(4, cores); 0: none)
         bb = pipeline.cfg.backbone
-        self.token_shape = (bb.tokens_per_crop, bb.llm_hidden_size)
+        self.packed = pipeline.packing is not None
+        self.out = "embeddings" if self.packed else "tokens"
+        self.token_shape = (bb.llm_hidden_size,) if self.packed else (bb.tokens_per_crop, bb.llm_hidden_size)
         self.n_domains = len(pipeline.cfg.domains)
 
     def _error(self, msg: str, n: int = 1) -> dict:
         """n rows (the request's batch size); one zero crop each, not zero crops: PyTriton's shared-memory
         transport cannot carry an empty tensor."""
-        return {"tokens": np.zeros((n, 1) + self.token_shape, np.float32),
+        return {self.out: np.zeros((n, 1) + self.token_shape, np.float32),
                 "expert": np.full((n, 1), b"", dtype=object),
                 "scores": np.full((n, self.n_domains), np.nan, np.float32),
                 "crops": np.zeros((n, 1), np.int32),
@@ -75,7 +78,7 @@ class PipelineCallable:
             if not res.ok:
                 responses[i] = self._error(res.error.replace("<bytes>", "image"))
                 continue
-            responses[i] = {"tokens": np.asarray(res.tokens, np.float32)[None],
+            responses[i] = {self.out: np.asarray(res.embeddings if self.packed else res.tokens, np.float32)[None],
                             "expert": np.array([[res.expert.encode()]], dtype=object),
                             "scores": np.asarray(res.scores, np.float32)[None],
                             "crops": np.array([[res.crops]], np.int32),
@@ -88,7 +91,9 @@ def model_tensors(pipeline):
 
     bb = pipeline.cfg.backbone
     inputs = [Tensor(name=INPUT, dtype=bytes, shape=(1,))]
-    outputs = [Tensor(name="tokens", dtype=np.float32, shape=(-1, bb.tokens_per_crop, bb.llm_hidden_size)),
+    first = (Tensor(name="embeddings", dtype=np.float32, shape=(-1, bb.llm_hidden_size)) if pipeline.packing is not None
+             else Tensor(name="tokens", dtype=np.float32, shape=(-1, bb.tokens_per_crop, bb.llm_hidden_size)))
+    outputs = [first,
                Tensor(name="expert", dtype=bytes, shape=(1,)),
                Tensor(name="scores", dtype=np.float32, shape=(len(pipeline.cfg.domains),)),
                Tensor(name="crops", dtype=np.int32, shape=(1,)),
@@ -133,7 +138,7 @@ def serve(args) -> int:
 
     pipeline = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device,
                                             strategy=args.strategy, tau=args.tau,
-                                            preprocess_device=args.preprocess_device)
+                                            preprocess_device=args.preprocess_device, packed=args.packed)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach it can send requests (no auth)", file=sys.stderr)
     triton = create_server(pipeline, args.host, args.http_port, args.grpc_port, args.metrics_port,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
@@ -99,6 +102,7 @@ class SiglipAdapter(Adapter):
     tower_prefixes: tuple = ("model.vision_tower.vision_model.", "model.vision_tower.",
                              "vision_tower.vision_model.", "vision_tower.")
     projector_prefixes: tuple = ("model.multi_modal_projector.", "multi_modal_projector.")
+    packing_keys: tuple = ("model.image_newline", "image_newline")  # the LLM input's row separator
 
     def config(self, bb: Backbone):
         cfg = SiglipVisionConfig(**bb.vision)
@@ -110,3 +114,42 @@ class SiglipAdapter(Adapter):
 
     def layer(self, bb: Backbone) -> nn.Module:
         return _SiglipLayer(self.config(bb))
+
+    def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):
+        return pack_anyres(bb, tokens, image_size, newline)
+
+
+def pack_anyres(bb: Backbone, tokens, image_size: tuple[int, int], newline) -> np.ndarray:
+    """LLaVA-OneVision's anyres packing of one image (its pack_image_features, vision_aspect_ratio anyres_max_N):
+    the base crop's tokens first; then the grid crops' tokens laid out as one feature map of the padded canvas,
+    the padding removed to the image's aspect ratio, shrunk bilinearly when it holds more than N crops' worth
+    (ratio > 1.1), and `newline` appended after every row. One crop: its tokens and one newline.
+    tokens [n_crops, T, D] (numpy or torch), newline [D] -> float32 numpy [L, D]."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    t = torch.as_tensor(np.asarray(tokens, np.float32) if not isinstance(tokens, torch.Tensor) else tokens.float())
+    nl = torch.as_tensor(np.asarray(newline, np.float32)).to(t.device)
+    if len(t) == 1:
+        return torch.cat([t[0], nl[None]]).cpu().numpy()
+    side = bb.crop_size // int(bb.vision["patch_size"])  # tokens along one side of a crop
+    if side * side != t.shape[1]:
+        raise MixpertError(f"packing: {t.shape[1]} tokens a crop, expected {side}x{side} ({bb.name})")
+    h, w = int(image_size[0]), int(image_size[1])
+    grid_h, grid_w = select_best_resolution((h, w), [list(p) for p in bb.grid_pinpoints])
+    gh, gw = grid_h // bb.crop_size, grid_w // bb.crop_size
+    if gh * gw != len(t) - 1:
+        raise MixpertError(f"packing: {len(t) - 1} grid crops for a {w}x{h} image, its grid is {gw}x{gh}")
+    f = t[1:].reshape(gh, gw, side, side, -1).permute(4, 0, 2, 1, 3).reshape(t.shape[-1], gh * side, gw * side)
+    ch, cw = f.shape[1:]
+    if w / h > cw / ch:  # wider than the canvas: padding above and below
+        pad = (ch - int(round(h * (cw / w), 7))) // 2
+        f = f[:, pad:ch - pad]
+    else:
+        pad = (cw - int(round(w * (ch / h), 7))) // 2
+        f = f[:, :, pad:cw - pad]
+    ch, cw = f.shape[1:]
+    ratio = math.sqrt(ch * cw / (bb.max_grid_crops * side * side))
+    if ratio > 1.1:
+        f = torch.nn.functional.interpolate(f[None], [int(ch // ratio), int(cw // ratio)], mode="bilinear")[0]
+    f = torch.cat([f, nl[:, None, None].expand(f.shape[0], f.shape[1], 1)], dim=-1)
+    return torch.cat([t[0], f.flatten(1, 2).transpose(0, 1)]).cpu().numpy()
