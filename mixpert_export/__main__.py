@@ -113,6 +113,24 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_ask(args) -> int:
+    from .runtime.pipeline import MixpertPipeline
+    from .serving.ask import LanguageModel, ask
+
+    pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
+                                        tau=args.tau, packed=True)
+    llm = LanguageModel.from_snapshot(args.llm, device=args.llm_device or "cpu")
+    a = ask(pipe, llm, args.image, args.question, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(a.record()))
+        return 0
+    scores = " ".join(f"{d}={s:.2f}" for d, s in zip(pipe.cfg.domains, a.scores))
+    print(a.text)
+    print(f"\nexpert {a.expert} (margin {a.margin:.3f}; {scores}); {a.image_positions} image embeddings in a "
+          f"{a.prompt_tokens}-token prompt; vision {a.vision_ms:.0f} ms, LLM {a.llm_ms:.0f} ms")
+    return 0
+
+
 def cmd_triton(args) -> int:
     from .serving.triton_repo import write_repository
 
@@ -202,6 +220,19 @@ def main(argv=None) -> int:
     s.add_argument("--workers", type=int, help="threads decoding a merged batch's images (default min(4, cores); 0: none)")
     s.add_argument("--verbose", action="store_true", help="Triton's own log")
     s.set_defaults(func=cmd_serve)
+    a = sub.add_parser("ask", help="answer a question about an image: the bundle's embeddings + a snapshot's LLM")
+    a.add_argument("--engines", required=True, help="bundle directory (from build)")
+    a.add_argument("--llm", required=True, help="local MLLM snapshot: its language model, tokenizer and prompt template")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    a.add_argument("--device", help="the engines' device: cpu or cuda (default: the runtime's)")
+    a.add_argument("--llm-device", help="the language model's device (default cpu)")
+    a.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
+    a.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--json", action="store_true", help="one JSON record: text, token ids, expert, scores, timings")
+    a.set_defaults(func=cmd_ask)
     t = sub.add_parser("triton", help="write a Triton model repository (parts + a Python-backend 'mixpert' model)")
     t.add_argument("--engines", required=True, help="bundle directory (from build)")
     t.add_argument("--out", required=True, help="model repository directory to write")
