@@ -78,6 +78,22 @@ def read_checkpoint_meta(path: str | Path) -> dict:
                                lambda _: f"re-save it with this mixpert_train ({__version__})")
 
 
+def _packing_from_joint(model: MixpertVision, path: Path, meta: dict) -> None:
+    """image_newline for a checkpoint from before it carried one: from the joint snapshot it was trained from."""
+    from .weights import _open, _shard_map
+
+    joint = meta.get("extra", {}).get("joint")
+    keys = ("model.image_newline", "image_newline")
+    if joint and Path(joint).is_dir():
+        for key, shard in _shard_map(Path(joint)).items():
+            if key in keys:
+                with _open(shard) as f:
+                    model.packing.image_newline.data.copy_(f.get_tensor(key))
+                return
+    raise MixpertError(f"{path / META}: no packing part (image_newline) and no joint snapshot that has one; "
+                       "re-run the stage that wrote this checkpoint")
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> MixpertVision:
     path = Path(path)
     meta = read_checkpoint_meta(path)
@@ -90,6 +106,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> MixpertVision:
     model = build_model(cfg, device=device)
     for part, fname in part_files(cfg).items():
         f = path / fname
+        if part == "packing" and not f.is_file() and "packing" not in meta.get("parts", {}):
+            _packing_from_joint(model, path, meta)  # a checkpoint written before packing was part of it
+            continue
         if not f.is_file():
             raise MixpertError(f"{f}: missing part {part!r}; the checkpoint is incomplete, re-run the stage that wrote it")
         try:

@@ -82,3 +82,22 @@ def test_part_from_another_split(model, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(MixpertError, match="mixpert.json: missing"):
         ckpt.load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_from_before_packing_takes_image_newline_from_its_joint_snapshot(tmp_path, tiny_snapshot, reference_model):
+    from mixpert_train.weights import model_from_snapshot
+
+    m = model_from_snapshot(tiny_snapshot, "tiny")
+    assert torch.equal(m.packing.image_newline, reference_model.model.image_newline.detach())
+    out = ckpt.save_checkpoint(m, tmp_path / "ck", extra={"joint": str(tiny_snapshot)})
+    (out / "packing.safetensors").unlink()  # what the stages wrote before packing was a part
+    meta = json.loads((out / "mixpert.json").read_text())
+    del meta["parts"]["packing"]
+    (out / "mixpert.json").write_text(json.dumps(meta))
+    back = ckpt.load_checkpoint(out)
+    assert torch.equal(back.packing.image_newline, reference_model.model.image_newline.detach())
+    meta["extra"] = {}
+    (out / "mixpert.json").write_text(json.dumps(meta))
+    with pytest.raises(MixpertError, match="no packing part") as e:
+        ckpt.load_checkpoint(out)
+    assert "\n" not in str(e.value)
