@@ -65,7 +65,12 @@ def test_architecture_comes_from_the_snapshot(tiny_snapshot):
 def test_language_model_shards_are_never_opened(tiny_snapshot, tmp_path):
     snap = rewrite_snapshot(tiny_snapshot, tmp_path / "s")
     index = json.loads((snap / "model.safetensors.index.json").read_text())
-    vision_shards = {v for k, v in index["weight_map"].items() if k.startswith(("vision_tower.", "multi_modal_projector."))}
+    # the vision side: tower, projector and the LLM input's row separator (image_newline, for packed embeddings)
+    vision_shards = {
+        v
+        for k, v in index["weight_map"].items()
+        if k.startswith(("vision_tower.", "multi_modal_projector.")) or k.endswith("image_newline")
+    }
     lm_only = sorted(set(index["weight_map"].values()) - vision_shards)
     assert lm_only, "the fixture must have shards with language-model tensors only"
     for shard in lm_only:  # truncate every language-model-only shard: loading must not notice
