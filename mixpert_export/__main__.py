@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mixpert_export", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="export ONNX parts, validate them against torch, build TensorRT engines")
-    b.add_argument("--backbone", help="registry name: tiny, llava-ov-7b (optional with --weights/--checkpoint)")
+    b.add_argument("--backbone", help="registry name: tiny, llava-ov-7b, tiny-internvl, internvl2-8b (optional with --weights/--checkpoint)")
     src = b.add_argument_group("source (one of)")
     src.add_argument("--weights", help="local Hugging Face LLaVA-OneVision snapshot directory")
     src.add_argument("--checkpoint", help="Mixpert checkpoint directory written by mixpert_train")

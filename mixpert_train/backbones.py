@@ -1,8 +1,8 @@
 """Backbone registry: what each supported MLLM vision side looks like, as data, plus the adapter interface.
 
-An entry says what a LLaVA-OV-shaped config.json says (tower, feature layer, projector, anyres grid)
-and what a snapshot does not (expert depth k). A new tower family is one module in families/ (its `Adapter`)
-and one entry here.
+An entry says what an MLLM's config.json says (tower, feature layer, projector, tiling of an image into crops)
+and what a snapshot does not (expert depth k, the domain set). A new MLLM family is one module in families/
+(its `Adapter`: config parsing, layers, projector, image processor, packing) and one entry here.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ class Backbone:
     select_strategy: str = "full"  # "default" drops the first token (CLS), "full" keeps all
     projector_act: str = "gelu"
     projector_bias: bool = True
-    grid_pinpoints: tuple = ()  # anyres grid resolutions (h, w)
-    max_grid_crops: int = 9  # anyres_max_9: at most 9 grid crops, plus the base image
+    grid_pinpoints: tuple = ()  # anyres grid resolutions (h, w) (LLaVA-OV)
+    max_grid_crops: int = 9  # LLaVA-OV anyres_max_9: at most 9 grid crops, plus the base image; InternVL: max tiles
+    cls_token: bool = False  # the tower prepends a class token (InternViT); SigLIP has none
+    downsample_ratio: float = 1.0  # pixel shuffle before the projector (InternVL 0.5: 4 tokens -> 1, width x4)
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     expert_layers: int = 2  # k: the last k layers in use become per-domain experts (paper: 2)
@@ -34,6 +36,8 @@ class Backbone:
     # alone defines preprocessing (size, grid, resampling, mean/std); None (registry entries, --random-init): the
     # processor is built from the fields above.
     processor: dict | None = None
+    # The entry's experts besides versatile (the router's width follows); () = model.DOMAINS, the paper's five.
+    domains: tuple = ()
 
     @property
     def hidden_size(self) -> int:
@@ -44,9 +48,20 @@ class Backbone:
         return int(self.vision["image_size"])
 
     @property
+    def hidden_tokens(self) -> int:
+        """Tokens a crop has inside the tower (the trunk's output): its patches, plus the class token if any."""
+        return (self.crop_size // int(self.vision["patch_size"])) ** 2 + int(self.cls_token)
+
+    @property
     def tokens_per_crop(self) -> int:
-        n = (self.crop_size // int(self.vision["patch_size"])) ** 2
-        return n - 1 if self.select_strategy == "default" else n
+        """Tokens a crop gives the LLM: strategy "default" drops the first token, pixel shuffle merges r x r."""
+        n = self.hidden_tokens - (1 if self.select_strategy == "default" else 0)
+        return int(round(n * self.downsample_ratio ** 2))
+
+    @property
+    def projector_in(self) -> int:
+        """The projector's input width: the tower's, times the tokens a pixel shuffle merges."""
+        return int(round(self.hidden_size / self.downsample_ratio ** 2))
 
     @property
     def tower_layers(self) -> int:
@@ -73,6 +88,7 @@ class Backbone:
         d = dataclasses.asdict(self)
         d["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
         d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
+        d["domains"] = list(self.domains)
         return d
 
     @classmethod
@@ -80,7 +96,7 @@ class Backbone:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["grid_pinpoints"] = tuple(tuple(p) for p in d.get("grid_pinpoints", ()))
-        for key in ("image_mean", "image_std"):
+        for key in ("image_mean", "image_std", "domains"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -98,6 +114,15 @@ _SO400M_26 = dict(
     vision_use_head=False,
 )
 
+# transformers' InternVLVisionConfig names for InternViT-300M-448px (InternVL2-8B's tower, the -hf layout).
+_INTERNVIT_300M = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=448,
+    patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, attention_bias=True,
+    norm_type="layer_norm", use_qk_norm=False, layer_scale_init_value=0.1, use_mean_pooling=True,
+)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_TABLE8_DOMAINS = ("chart", "doc", "general")
+
 REGISTRY: dict[str, Backbone] = {
     "llava-ov-7b": Backbone(
         name="llava-ov-7b", family="siglip", vision=_SO400M_26, llm_hidden_size=3584,
@@ -112,6 +137,26 @@ REGISTRY: dict[str, Backbone] = {
             vision_use_head=False,
         ),
         llm_hidden_size=256, grid_pinpoints=_grid(64, 3),
+    ),
+    # InternVL2-8B (paper Table 8): InternViT-300M-448px (24 layers, width 1024, CLS token dropped before the
+    # projector), pixel shuffle 0.5 (1024 patch tokens -> 256 of width 4096), LayerNorm-MLP projector into
+    # InternLM2.5-7B's 4096; dynamic 448 px tiles (1..12, plus a thumbnail when more than one); ImageNet mean/std;
+    # the paper's four experts for this family: chart, doc, general + versatile.
+    "internvl2-8b": Backbone(
+        name="internvl2-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=4096,
+        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
+        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
+    ),
+    # The same code path at a few MB: 8x8 patches of 64 px tiles, 64 patch tokens -> 16 after pixel shuffle.
+    "tiny-internvl": Backbone(
+        name="tiny-internvl", family="internvit",
+        vision=dict(
+            hidden_size=96, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4, image_size=64,
+            patch_size=8, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, attention_bias=True,
+            norm_type="layer_norm", use_qk_norm=False, layer_scale_init_value=0.1, use_mean_pooling=True,
+        ),
+        llm_hidden_size=128, select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=6,
+        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
     ),
 }
 
@@ -129,12 +174,35 @@ def get_backbone(name: str) -> Backbone:
 
 @dataclass(frozen=True)
 class Adapter:
+    """One MLLM family's vision side. model.py builds the split from `embeddings`, `layer` and `projector`;
+    weights.py maps snapshot keys with the prefixes; preprocess.py tiles images with `image_processor`; the runtime
+    hands the LLM `pack`'s output. Nothing outside families/ knows a family's details."""
+
     family: str
     # Snapshot key prefixes of the tower, newest layouts first; the canonical names below them are
-    # `embeddings.*` and `encoder.layers.<i>.*`, as transformers' vision model names them.
+    # `embeddings.*` and `<layer_prefix><i>.*`, as transformers' vision model names them.
     tower_prefixes: tuple = field(default=())
     projector_prefixes: tuple = field(default=())
     packing_keys: tuple = field(default=())  # snapshot keys of model.Packing's image_newline, if the family has one
+    layer_prefix: str = "encoder.layers."  # transformers' name of the tower's layer list (InternViT: encoder.layer.)
+    config_types: tuple = field(default=())  # config.json model_type values of the MLLMs this family reads
+    processor_types: tuple = field(default=())  # image_processor_type prefixes its snapshots may carry
+
+    def backbone_from_config(self, config: dict, name: str, base: Backbone | None, source: str,
+                             processor: dict | None, processor_source: str | None) -> Backbone:
+        """The architecture an MLLM config.json of this family describes; `base` (a registry entry) adds k and
+        the domain set; `processor`: the snapshot's own image-processor config."""
+        raise NotImplementedError
+
+    def image_processor(self, bb: Backbone):
+        """transformers' own PIL image processor for this backbone: from bb.processor when the snapshot has one,
+        else from the backbone's fields. Its output for one image: pixel_values [n_crops, 3, S, S]."""
+        raise NotImplementedError
+
+    def projector(self, bb: Backbone) -> nn.Module:
+        """tokens [N, T, D] (after feature selection) -> [N, tokens_per_crop, D_llm]; tensor names as the
+        snapshot's projector below its prefix."""
+        raise NotImplementedError
 
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError

@@ -54,8 +54,10 @@ class MixpertConfig:
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, **overrides) -> "MixpertConfig":
+        """The backbone's split: its k and its domain set (the entry's, else the paper's five) unless overridden."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         overrides.setdefault("expert_layers", backbone.expert_layers)
+        overrides.setdefault("domains", tuple(backbone.domains) or DOMAINS)
         return cls(backbone=backbone, **overrides)
 
     @property
@@ -96,19 +98,6 @@ class MixpertConfig:
 # The three parts.
 # ---------------------------------------------------------------------------------------------
 
-class Projector(nn.Module):
-    """LLaVA's 2-layer projector; tensor names as transformers' LlavaOnevisionMultiModalProjector."""
-
-    def __init__(self, bb: Backbone):
-        super().__init__()
-        self.linear_1 = nn.Linear(bb.hidden_size, bb.llm_hidden_size, bias=bb.projector_bias)
-        self.act = ACT2FN[bb.projector_act]
-        self.linear_2 = nn.Linear(bb.llm_hidden_size, bb.llm_hidden_size, bias=bb.projector_bias)
-
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class Trunk(nn.Module):
     """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers."""
 
@@ -132,7 +121,7 @@ class Expert(nn.Module):
         super().__init__()
         ad = adapter_for(cfg.backbone)
         self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.expert_layer_range)
-        self.projector = Projector(cfg.backbone)
+        self.projector = ad.projector(cfg.backbone)
         self.drop_first = cfg.backbone.select_strategy == "default"
 
     def forward(self, hidden):
@@ -179,13 +168,14 @@ class SingleEncoder(nn.Module):
 
 class Packing(nn.Module):
     """What the MLLM adds around an image's visual tokens before its language model: LLaVA-OneVision's learned
-    `image_newline` [D_llm] (the snapshot's own tensor), frozen. It travels in the checkpoint and the bundle so
-    the deployed pipeline packs tokens exactly as the MLLM does without the snapshot at hand. Not counted in the
-    vision side's parameters (it belongs to the LLM's input)."""
+    `image_newline` [D_llm] (the snapshot's own tensor), frozen; nothing for families without one (InternVL). It
+    travels in the checkpoint and the bundle so the deployed pipeline packs tokens exactly as the MLLM does without
+    the snapshot at hand. Not counted in the vision side's parameters (it belongs to the LLM's input)."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
-        self.image_newline = nn.Parameter(torch.empty(cfg.backbone.llm_hidden_size), requires_grad=False)
+        if adapter_for(cfg.backbone).packing_keys:
+            self.image_newline = nn.Parameter(torch.empty(cfg.backbone.llm_hidden_size), requires_grad=False)
 
 
 class MixpertVision(nn.Module):

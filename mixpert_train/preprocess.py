@@ -1,5 +1,5 @@
-"""Image -> anyres crops [n_crops, 3, S, S], with transformers' own LLaVA-OneVision PIL processor (offline,
-no torchvision) configured from the backbone; and image loading that turns every bad input into a one-line
+"""Image -> crops [n_crops, 3, S, S], with the family's own transformers PIL processor (offline, no torchvision)
+configured from the backbone (LLaVA-OV anyres, with a bit-identical fast path; InternVL's dynamic tiles); and image loading that turns every bad input into a one-line
 ImageError for that image alone."""
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ def load_image(src) -> Image.Image:
 
 
 class Preprocessor:
-    """Image -> anyres crops [n_crops, 3, S, S] float32, as transformers' LlavaOnevisionImageProcessorPil computes
-    them: from the snapshot's own config where the backbone carries one (what from_pretrained(snapshot) builds),
-    else from the backbone's crop size, grid and normalisation.
+    """Image -> crops [n_crops, 3, S, S] float32, as the family's transformers PIL processor computes them
+    (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil for InternVL): from the snapshot's own config where
+    the backbone carries one (what from_pretrained(snapshot) builds), else from the backbone's fields.
 
-    Fast path (`fast=True`, used whenever the config has nothing it does not reproduce): two uint8 PIL resizes (the
+    Fast path (LLaVA-OV anyres; `fast=True`, used whenever the config has nothing it does not reproduce; other
+    families run transformers' processor itself): two uint8 PIL resizes (the
     anyres canvas and the base image, with the processor's resampling), zero padding and crops by slicing, then one
     table lookup per channel that holds transformers' own arithmetic for each of the 256 byte values (float64
     rescale, float32 cast, float32 (x - mean) / std): the same float32 bits, without its float64 image copies and
@@ -95,19 +96,10 @@ class Preprocessor:
     on a GPU the crops come back as a tensor on it. tests/test_preprocess_device.py states and checks the tolerance."""
 
     def __init__(self, backbone: Backbone, fast: bool = True, device: str | None = None, exact_uint8: bool | None = None):
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
+        from .families import adapter_for
 
         self.backbone = backbone
-        if backbone.processor is not None:
-            self.processor = LlavaOnevisionImageProcessorPil.from_dict(dict(backbone.processor))
-        else:
-            s = backbone.crop_size
-            self.processor = LlavaOnevisionImageProcessorPil(
-                size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints],
-                image_mean=list(backbone.image_mean), image_std=list(backbone.image_std), do_convert_rgb=True,
-            )
+        self.processor = adapter_for(backbone).image_processor(backbone)  # transformers' own, from the snapshot
         self.lut = self._lookup_table(self.processor) if fast else None
         self.resizer = None
         if device is not None:  # resize (and on a GPU normalise) with torch on `device`; decode stays here
@@ -115,7 +107,7 @@ class Preprocessor:
 
             if self.lut is None:
                 raise MixpertError("this processor config has steps only transformers' processor reproduces; "
-                                   "preprocess on the host (drop --preprocess-device)")
+                                   "preprocess on the host (drop --preprocess-device; it serves LLaVA-OV's anyres only)")
             self.resizer = DeviceResizer(device, self.processor.resample, exact_uint8)
 
     @staticmethod
@@ -124,7 +116,7 @@ class Preprocessor:
         size = p.size
         square = bool(size.height) and size.height == size.width
         plain = p.do_resize and p.do_rescale and p.do_normalize and not getattr(p, "do_center_crop", False)
-        if not (square and plain and p.image_grid_pinpoints and len(p.image_mean) == len(p.image_std) == 3):
+        if not (square and plain and getattr(p, "image_grid_pinpoints", None) and len(p.image_mean) == len(p.image_std) == 3):
             return None
         v = (np.arange(256, dtype=np.uint8).astype(np.float64) * p.rescale_factor).astype(np.float32)
         mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
@@ -163,7 +155,8 @@ class Preprocessor:
         if self.lut is not None:
             return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image)
         out = self.processor(images=[image], return_tensors="np")
-        px = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        px = np.asarray(out["pixel_values"], dtype=np.float32)
+        px = px[0] if px.ndim == 5 else px  # anyres: [1, n, 3, S, S]; dynamic tiles (GotOcr2): [n, 3, S, S]
         if not np.isfinite(px).all():
             raise ImageError("preprocessing produced NaN or infinite values")
         return px

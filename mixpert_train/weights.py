@@ -1,7 +1,8 @@
-"""Vision tower + projector tensors from a local Hugging Face LLaVA-OneVision snapshot (safetensors only).
+"""Vision tower + projector tensors from a local Hugging Face MLLM snapshot (safetensors only): LLaVA-OneVision
+or InternVL (-hf layout), the family read from config.json's model_type.
 
 Only the shards that hold vision or projector tensors are opened, and only those tensors are read: the
-language model never leaves the disk. Both key layouts transformers has written are accepted.
+language model never leaves the disk. The key layouts transformers has written are accepted.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .backbones import REGISTRY, Backbone
-from .families import adapter_for
-from .families.llava_ov import backbone_from_llava_config, processor_from_snapshot
+from .families import adapter_for, adapter_for_config, processor_from_snapshot
 from .errors import MixpertError
 from .model import VERSATILE, MixpertConfig, MixpertVision
 
@@ -25,7 +25,7 @@ _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 def read_snapshot_config(snapshot: str | Path) -> dict:
     snap = Path(snapshot)
     if not snap.is_dir():
-        raise MixpertError(f"--weights {snap}: no such directory; pass a local LLaVA-OneVision snapshot (config.json + *.safetensors)")
+        raise MixpertError(f"--weights {snap}: no such directory; pass a local MLLM snapshot (config.json + *.safetensors)")
     path = snap / "config.json"
     if not path.is_file():
         raise MixpertError(f"{path}: missing; --weights must be a Hugging Face snapshot directory with config.json")
@@ -36,13 +36,17 @@ def read_snapshot_config(snapshot: str | Path) -> dict:
 
 
 def backbone_from_snapshot(snapshot: str | Path, name: str | None = None) -> Backbone:
-    """The snapshot's own architecture; the registry entry `name` (if any) adds k and routing defaults."""
+    """The snapshot's own architecture; the registry entry `name` (if any) adds k and the domain set. A snapshot
+    of another family than the entry's is refused in one line naming both."""
     cfg = read_snapshot_config(snapshot)
+    source = str(Path(snapshot) / "config.json")
+    ad = adapter_for_config(cfg, source)
     base = REGISTRY.get(name) if name else None
-    processor, processor_file = processor_from_snapshot(snapshot)
-    return backbone_from_llava_config(cfg, name=name or Path(snapshot).name, base=base,
-                                      source=str(Path(snapshot) / "config.json"), processor=processor,
-                                      processor_source=processor_file)
+    if base is not None and base.family != ad.family:
+        raise MixpertError(f"{source}: a {cfg.get('model_type')} snapshot ({ad.family} tower), but --backbone {name} "
+                           f"is a {base.family} model; pass the matching --backbone or the right snapshot")
+    processor, processor_file = processor_from_snapshot(snapshot, ad)
+    return ad.backbone_from_config(cfg, name or Path(snapshot).name, base, source, processor, processor_file)
 
 
 def _shard_map(snap: Path) -> dict[str, Path]:
@@ -71,17 +75,25 @@ def _open(path: Path):
 
 
 def canonical_name(key: str, bb: Backbone) -> str | None:
-    """'tower.<canonical>' / 'projector.<canonical>' for a vision or projector key, None for anything else."""
+    """'tower.<canonical>' / 'projector.<canonical>' for a vision or projector key, None for anything else.
+    Canonical tower names: embeddings.* and encoder.layers.<i>.* whatever the family calls its layer list."""
     ad = adapter_for(bb)
     for p in ad.tower_prefixes:
         if key.startswith(p):
-            return "tower." + key[len(p):]
+            rest = key[len(p):]
+            if rest.startswith(ad.layer_prefix):
+                rest = "encoder.layers." + rest[len(ad.layer_prefix):]
+            return "tower." + rest
     for p in ad.projector_prefixes:
         if key.startswith(p):
             return "projector." + key[len(p):]
     if key in ad.packing_keys:
         return "packing.image_newline"
     return None
+
+
+def bb_kind(bb: Backbone) -> str:
+    return " / ".join(adapter_for(bb).config_types)
 
 
 def target_key(canonical: str, cfg: MixpertConfig) -> str | None:
@@ -124,7 +136,7 @@ def load_snapshot(model: MixpertVision, snapshot: str | Path) -> dict:
     missing = [k for k in need if k not in wanted]
     if missing:
         raise MixpertError(f"{snap}: tensor for {missing[0]} not found ({len(missing)} missing); "
-                           "is this a LLaVA-OneVision snapshot of this architecture?")
+                           f"is this a {bb_kind(cfg.backbone)} snapshot of this architecture?")
     by_shard: dict[Path, list[str]] = {}
     for tgt in need:
         by_shard.setdefault(wanted[tgt][1], []).append(tgt)

@@ -56,7 +56,7 @@ class PartSpec:
 def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -> list[PartSpec]:
     """The I/O contract of every part: pixels and router I/O in fp32, hidden and tokens in `precision`."""
     bb, dt = cfg.backbone, ONNX_DTYPE[precision]
-    s, t0 = bb.crop_size, (bb.crop_size // int(bb.vision["patch_size"])) ** 2
+    s, t0 = bb.crop_size, bb.hidden_tokens
     pixels = TensorSpec("pixel_values", ("crops", int(bb.vision.get("num_channels", 3)), s, s), "float32")
     hidden = TensorSpec("hidden", ("crops", t0, bb.hidden_size), dt)
     tokens = TensorSpec("tokens", ("crops", bb.tokens_per_crop, bb.llm_hidden_size), dt)

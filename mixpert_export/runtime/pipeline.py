@@ -205,7 +205,7 @@ class MixpertPipeline:
                 res.tokens = None
             elif self.packing is not None:
                 res.embeddings = adapter_for(self.cfg.backbone).pack(
-                    self.cfg.backbone, res.tokens, res.image_size, self.packing["image_newline"])
+                    self.cfg.backbone, res.tokens, res.image_size, self.packing.get("image_newline"))
 
     def describe(self) -> dict:
         return {"backend": self.backend.describe(), "preprocess": self.preprocess.describe(), "strategy": self.strategy,

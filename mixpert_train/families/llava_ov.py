@@ -1,47 +1,21 @@
-"""LLaVA-OneVision's vision side: the SigLIP tower adapter, how a LLaVA-OV config.json maps to a Backbone, and the
-snapshot's own image-processor config (preprocessor_config.json), which the Backbone carries from then on."""
+"""LLaVA-OneVision's vision side: the SigLIP tower adapter, how a LLaVA-OV config.json maps to a Backbone, its
+2-layer projector, its anyres image processor and its packing (image_newline)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import SiglipVisionConfig
+from transformers.activations import ACT2FN
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
 
 from ..backbones import Adapter, Backbone
 from ..errors import MixpertError
-
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # what transformers' from_pretrained reads
-
-
-def processor_from_snapshot(snapshot: str | Path) -> tuple[dict | None, str | None]:
-    """(the snapshot's LLaVA-OV image-processor config as transformers saved it, its file), or (None, None) when the
-    snapshot has none. Refuses one from another family or one that cannot be parsed, naming the file."""
-    for fname in PROCESSOR_FILES:
-        f = Path(snapshot) / fname
-        if not f.is_file():
-            continue
-        try:
-            d = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MixpertError(f"{f}: not valid JSON ({e}); re-save the snapshot's processor") from None
-        if fname == "processor_config.json":  # a whole processor: the image part is nested
-            d = d.get("image_processor")
-            if not isinstance(d, dict):
-                continue
-        kind = str(d.get("image_processor_type", "LlavaOnevisionImageProcessor"))
-        if not kind.startswith("LlavaOnevisionImageProcessor"):
-            raise MixpertError(f"{f}: image processor {kind!r} is not LLaVA-OneVision's; this snapshot is another family")
-        return d, str(f)
-    return None, None
 
 
 def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json",
@@ -85,8 +59,21 @@ def backbone_from_llava_config(config: dict, name: str, base: Backbone | None = 
         grid_pinpoints=tuple(tuple(p) for p in config.get("image_grid_pinpoints") or (base.grid_pinpoints if base else ())),
         max_grid_crops=max_grid,
         expert_layers=base.expert_layers if base else defaults["expert_layers"],
-        processor=processor, **norm,
+        domains=base.domains if base else (), processor=processor, **norm,
     )
+
+
+class Projector(nn.Module):
+    """LLaVA's 2-layer projector; tensor names as transformers' LlavaOnevisionMultiModalProjector."""
+
+    def __init__(self, bb: Backbone):
+        super().__init__()
+        self.linear_1 = nn.Linear(bb.projector_in, bb.llm_hidden_size, bias=bb.projector_bias)
+        self.act = ACT2FN[bb.projector_act]
+        self.linear_2 = nn.Linear(bb.llm_hidden_size, bb.llm_hidden_size, bias=bb.projector_bias)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class _SiglipLayer(SiglipEncoderLayer):
@@ -103,6 +90,27 @@ class SiglipAdapter(Adapter):
                              "vision_tower.vision_model.", "vision_tower.")
     projector_prefixes: tuple = ("model.multi_modal_projector.", "multi_modal_projector.")
     packing_keys: tuple = ("model.image_newline", "image_newline")  # the LLM input's row separator
+    config_types: tuple = ("llava_onevision",)
+    processor_types: tuple = ("LlavaOnevisionImageProcessor",)
+
+    def backbone_from_config(self, config, name, base, source, processor, processor_source):
+        return backbone_from_llava_config(config, name, base, source, processor, processor_source or "preprocessor_config.json")
+
+    def image_processor(self, bb: Backbone):
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        if bb.processor is not None:
+            return LlavaOnevisionImageProcessorPil.from_dict(dict(bb.processor))
+        s = bb.crop_size
+        return LlavaOnevisionImageProcessorPil(
+            size={"height": s, "width": s}, image_grid_pinpoints=[list(p) for p in bb.grid_pinpoints],
+            image_mean=list(bb.image_mean), image_std=list(bb.image_std), do_convert_rgb=True,
+        )
+
+    def projector(self, bb: Backbone) -> nn.Module:
+        return Projector(bb)
 
     def config(self, bb: Backbone):
         cfg = SiglipVisionConfig(**bb.vision)

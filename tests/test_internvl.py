@@ -1,0 +1,216 @@
+"""The InternVL family (issue 15) against transformers' own InternVLForConditionalGeneration and the
+GotOcr2 image processor of a tiny snapshot saved by save_pretrained (the independent reference)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixpert_train.backbones import get_backbone
+from mixpert_train.errors import MixpertError
+from mixpert_train.model import VERSATILE
+from mixpert_train.weights import backbone_from_snapshot, model_from_snapshot
+
+SIZES = [(64, 64), (100, 300), (300, 100), (257, 129), (500, 380), (33, 47)]  # (w, h): 1 to 7 tiles
+
+
+def make_internvl(seed=0, max_patches=6, **overrides):
+    """A tiny transformers InternVL (tiny-internvl's tower, a 2-layer Qwen2), every weight random (transformers
+    zeroes the class token and position embeddings at init: a test on those would not see them)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    bb = get_backbone("tiny-internvl")
+    vision = dict(bb.vision, model_type="internvl_vision")
+    cfg = InternVLConfig(
+        vision_config=vision,
+        text_config=dict(model_type="qwen2", hidden_size=bb.llm_hidden_size, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096),
+        image_token_id=7, downsample_ratio=0.5, **overrides,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def save_snapshot(model, path, max_patches=6, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    model.save_pretrained(path, max_shard_size="200KB")  # sharded: the loader opens only the vision shards
+    GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1,
+                             max_patches=max_patches, image_mean=list(mean), image_std=list(std)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    model = make_internvl()
+    snap = save_snapshot(model, tmp_path_factory.mktemp("internvl"), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    return model, snap
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+def reference_features(model, snap, images):
+    """transformers' processor loaded from the snapshot, then the model's own get_image_features."""
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(snap)
+    out = proc(images=images, return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=out["pixel_values"]).pooler_output
+    return out["pixel_values"], out["num_patches"].tolist(), feats
+
+
+def test_preprocessing_equals_the_snapshots_processor_bit_for_bit(internvl):
+    from transformers import AutoImageProcessor
+
+    from mixpert_train.preprocess import Preprocessor
+
+    _, snap = internvl
+    bb = backbone_from_snapshot(snap, "tiny-internvl")
+    assert bb.image_mean == (0.4, 0.5, 0.6) and bb.max_crops == 7  # the snapshot's own config, not the entry's
+    ours, ref = Preprocessor(bb), AutoImageProcessor.from_pretrained(snap)
+    counts = []
+    for im in _images():
+        a = ours.crops(im)
+        b = ref(images=[im], return_tensors="np")["pixel_values"]
+        assert a.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
+        counts.append(len(a))
+    assert len(set(counts)) >= 4 and max(counts) <= bb.max_crops  # several tilings, thumbnail included
+
+
+@pytest.mark.parametrize("k", [0, 2, 6])
+def test_versatile_path_equals_transformers(internvl, k):
+    model, snap = internvl
+    ours = model_from_snapshot(snap, "tiny-internvl", expert_layers=k)
+    assert ours.cfg.domains == ("chart", "doc", "general") and ours.cfg.expert_layers == k
+    assert ours.router.fc2.out_features == 3
+    px, counts, ref = reference_features(model, snap, _images())
+    assert px.shape[0] == sum(counts) and ref.shape[1:] == (16, 128)  # 64 patches -> 16 tokens a tile
+    with torch.no_grad():
+        got = ours.experts[VERSATILE](ours.trunk(px))
+    assert (got - ref).abs().max().item() <= 1e-5  # fp32, same kernels
+
+
+def test_packed_embeddings_are_what_transformers_splices_in(internvl):
+    """InternVL's placeholder positions take an image's tiles' tokens in order: the packing is the flattened
+    features, image by image."""
+    from mixpert_train.families import adapter_for
+
+    model, snap = internvl
+    ours = model_from_snapshot(snap, "tiny-internvl")
+    px, counts, ref = reference_features(model, snap, _images()[:3])
+    with torch.no_grad():
+        tok = ours.experts[VERSATILE](ours.trunk(px))
+    start = 0
+    for n, im in zip(counts, _images()[:3]):
+        packed = adapter_for(ours.cfg.backbone).pack(ours.cfg.backbone, tok[start:start + n], (im.height, im.width))
+        assert packed.shape == (n * 16, 128)
+        np.testing.assert_allclose(packed, ref[start:start + n].reshape(-1, 128).numpy(), atol=1e-5, rtol=0)
+        start += n
+
+
+def test_snapshot_of_another_family_is_refused(internvl, tiny_snapshot):
+    _, snap = internvl
+    with pytest.raises(MixpertError, match=r"internvl snapshot \(internvit tower\), but --backbone tiny is a siglip") as e:
+        backbone_from_snapshot(snap, "tiny")
+    assert "\n" not in str(e.value)
+    with pytest.raises(MixpertError, match=r"llava_onevision snapshot \(siglip tower\), but --backbone internvl2-8b"):
+        backbone_from_snapshot(tiny_snapshot, "internvl2-8b")
+
+
+def test_language_model_shards_are_never_opened(internvl, tmp_path):
+    import shutil
+
+    _, src = internvl
+    snap = tmp_path / "s"
+    shutil.copytree(src, snap)
+    index = json.loads((snap / "model.safetensors.index.json").read_text())
+    vision = {v for k, v in index["weight_map"].items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."))}
+    lm_only = sorted(set(index["weight_map"].values()) - vision)
+    assert lm_only
+    for shard in lm_only:
+        (snap / shard).write_bytes(b"0123456789")
+    model_from_snapshot(snap, "tiny-internvl")  # opens only the vision shards
+
+
+def test_real_scale_entry_matches_transformers_config():
+    """internvl2-8b's tower, as transformers' InternVLVisionConfig builds it, and the parameter view (Table 6)."""
+    from transformers.models.internvl.modeling_internvl import InternVLVisionModel
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from mixpert_train.model import MixpertConfig, parameter_report
+
+    bb = get_backbone("internvl2-8b")
+    assert (bb.hidden_tokens, bb.tokens_per_crop, bb.projector_in, bb.max_crops) == (1025, 256, 4096, 13)
+    with torch.device("meta"):
+        tower = InternVLVisionModel(InternVLVisionConfig(**bb.vision))
+    n_tower = sum(p.numel() for p in tower.parameters())
+    r = parameter_report(MixpertConfig.for_backbone(bb))
+    projector = 4096 * 2 + 4096 * 4096 + 4096 + 4096 * 4096 + 4096  # LayerNorm + two Linear layers
+    assert r["baseline_total"] == n_tower + projector
+    assert r["added_experts"] == 3 * r["expert"] and r["added_activated"] == r["router"]
+
+
+@pytest.fixture(scope="module", params=[0, 2, 6])
+def bundle(request, internvl, tmp_path_factory):
+    """The snapshot through `build` (resolve -> export; the default validation is tested by test_build) with k."""
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
+
+    _, snap = internvl
+    d = tmp_path_factory.mktemp(f"bundle_k{request.param}")
+    m, src = resolve(backbone="tiny-internvl", weights=str(snap), expert_layers=request.param)
+    build_bundle(m, d, runtime="onnxruntime", max_crops=30, source=src, progress=False, validate=False)
+    return request.param, d
+
+
+@pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
+def test_bundle_everything_versatile_equals_transformers(internvl, bundle, runtime, tol):
+    """Images of several sizes in one call, through the bundle on each runtime, packed for the LLM: equal to
+    transformers' processor + get_image_features, image by image."""
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+
+    model, snap = internvl
+    k, path = bundle
+    pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
+    assert pipe.cfg.expert_layers == k and pipe.cfg.domains == ("chart", "doc", "general")
+    images = _images()
+    results = pipe(images)
+    _, counts, ref = reference_features(model, snap, images)
+    start = 0
+    for im, n, r in zip(images, counts, results):
+        assert r.ok and r.expert == VERSATILE and r.crops == n, (im.size, r.error)
+        want = ref[start:start + n].numpy()
+        assert np.abs(r.tokens - want).max() <= tol
+        assert np.abs(r.embeddings - want.reshape(-1, want.shape[-1])).max() <= tol
+        start += n
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_run_cli_on_the_bundle(bundle, tmp_path):
+    from mixpert_export.__main__ import main
+
+    _, path = bundle
+    ims = []
+    for i, im in enumerate(_images()[:3]):
+        ims.append(tmp_path / f"{i}.png")
+        im.save(ims[-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out.json"
+    rc = main(["run", "--engines", str(path), *map(str, ims), str(tmp_path / "bad.png"), "--packed", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert rc == 1 and len(rows) == 4  # 1: some image failed; the others are answered
+    assert [r["embeddings_shape"] for r in rows[:3]] == [[n * 16, 128] for n in (1, 4, 4)]
+    assert "error" in rows[3] and "\n" not in rows[3]["error"]
