@@ -26,6 +26,11 @@ LLM = {
                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192),
+    # InternVL2-8B's InternLM2.5-7B-chat (its config.json: 32 layers, GQA 32/8, SwiGLU 14336, no q/k/v bias,
+    # untied head): the same arithmetic and parameter count as a Llama config of those sizes.
+    "internvl2-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=92544,
+                         max_position_embeddings=32768, tie_word_embeddings=False),
 }
 
 
@@ -67,10 +72,12 @@ def count(backbone: str, crops_list=(1, 10), prompt_tokens: int = 64) -> dict:
 
 
 def _llm(backbone):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    cfg = dict(LLM[backbone])
+    config, model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.pop("arch", "qwen2")]
     with torch.device("meta"):
-        return Qwen2ForCausalLM(Qwen2Config(**LLM[backbone]))
+        return model(config(**cfg))
 
 
 def _llm_params(backbone) -> int:
@@ -103,7 +110,8 @@ def markdown(r: dict) -> str:
         "", f"Router by hand ({min(r['flops'])} crop): 2 x (crops*d + d*d + d*n) = {r['router_flops_by_hand'] / G:.5f} GFLOPs "
         f"= {r['router_flops_by_hand'] / 2 / G:.5f} GMACs (the paper's ~0.001 G is in multiply-accumulates).",
         "Totals include the language model's parameters and its prefill; the paper's totals may use another prompt "
-        "length, count MACs, and include anyres packing (newline tokens, 2x2 pooling above 9 crops), which we do not."]
+        "length, count MACs, and include anyres packing (newline tokens, 2x2 pooling above 9 crops), which we do not."
+        + ("" if r["llm_params"] else " This backbone has no language model entry in flops.LLM: totals are the vision side only.")]
     return "\n".join(lines) + "\n"
 
 

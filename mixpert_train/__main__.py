@@ -17,8 +17,9 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True)
     d.add_argument("--n-per-domain", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backbone", default="tiny", help="whose domain set to generate (tiny-internvl: chart, doc, general)")
 
-    j = sub.add_parser("joint", help="joint SFT of a tiny LLaVA-OneVision on all domains")
+    j = sub.add_parser("joint", help="joint SFT of a tiny MLLM of the backbone's family (LLaVA-OV, InternVL) on all domains")
     j.add_argument("--data", required=True)
     j.add_argument("--out", required=True)
     j.add_argument("--backbone", default="tiny")
@@ -68,7 +69,11 @@ def main(argv=None) -> int:
         if a.cmd == "data":
             from .data.synthetic import generate
 
-            print(generate(a.out, a.n_per_domain, a.seed, progress=prog))
+            from .backbones import get_backbone
+            from .model import MixpertConfig
+
+            domains = MixpertConfig.for_backbone(get_backbone(a.backbone)).domains
+            print(generate(a.out, a.n_per_domain, a.seed, progress=prog, domains=domains))
         elif a.cmd == "joint":
             from .joint import JointConfig, run_joint
 

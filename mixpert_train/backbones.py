@@ -207,6 +207,19 @@ class Adapter:
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError
 
+    # The training side: a tiny transformers MLLM of this family and its own vision path and packing, in torch
+    # (differentiable), which the joint stage trains and every stage's loss goes through.
+    def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
+        raise NotImplementedError(f"{self.family}: no tiny MLLM for training yet")
+
+    def mllm_crop_tokens(self, mllm, crops):
+        """transformers' own tower -> feature selection -> projector for crops [N, 3, S, S] -> [N, T, D_llm]."""
+        raise NotImplementedError
+
+    def mllm_pack(self, mllm, tokens, image_size):
+        """The MLLM's own packing of one image's crop tokens [n, T, D] (torch) -> [L, D], image_size (h, w)."""
+        raise NotImplementedError
+
     def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):
         """One image's per-crop tokens [n_crops, T, D_llm] -> the embeddings [L, D_llm] the family's MLLM puts at
         its image-token positions, in order. image_size: the original (height, width)."""

@@ -47,9 +47,9 @@ def joint_backbone(joint: Path) -> str | None:
 
 def load_language_model(joint: Path):
     """The frozen MLLM around the vision side (its language model is what the loss goes through)."""
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    llava = LlavaOnevisionForConditionalGeneration.from_pretrained(str(joint)).eval()
+    llava = AutoModelForImageTextToText.from_pretrained(str(joint)).eval()  # LLaVA-OV or InternVL, from config.json
     for p in llava.parameters():
         p.requires_grad_(False)
     return llava

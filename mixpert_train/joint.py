@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from .backbones import get_backbone
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
-from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_llava, write_json
+from .model import MixpertConfig
+from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_mllm, write_json
 from .preprocess import Preprocessor
 from .staging import Output, check_target, staged_dir
 
@@ -49,10 +50,11 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     dist = Dist()
     torch.manual_seed(cfg.seed)
     bb = get_backbone(cfg.backbone)
-    train = read_manifest(data / "train.jsonl")
-    vocab_text = train + read_manifest(data / "val.jsonl") + read_manifest(data / "test.jsonl")
+    domains = MixpertConfig.for_backbone(bb).domains
+    train = read_manifest(data / "train.jsonl", domains)
+    vocab_text = train + read_manifest(data / "val.jsonl", domains) + read_manifest(data / "test.jsonl", domains)
     tokenizer = build_tokenizer(vocab_text)  # a closed vocabulary of the data's words (no labels are learnt from it)
-    llava = tiny_llava(bb, len(tokenizer), seed=cfg.seed)
+    llava = tiny_mllm(bb, len(tokenizer), seed=cfg.seed)
     pre = Preprocessor(bb)
     items = load_items(train, pre, tokenizer, cfg.strict, log)
     vision = [p for n, p in llava.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]

@@ -1,6 +1,6 @@
 """The MLLM around the vision side, shared by every training stage and by eval: a word-level tokenizer built
-offline from the data, a tiny transformers LlavaOnevisionForConditionalGeneration, and the one forward that
-turns per-crop visual tokens into the answer's logits (anyres packing by LLaVA-OV's own pack_image_features).
+offline from the data, a tiny transformers MLLM of the backbone's family (its adapter builds it), and the one
+forward that turns per-crop visual tokens into the answer's logits (packed as the family's MLLM packs them).
 
 The loss is cross-entropy on the answer tokens only (teacher forcing); exact match means every answer token is
 the argmax given the correct prefix, i.e. greedy decoding reproduces the answer. The synthetic data's answers
@@ -37,21 +37,18 @@ def build_tokenizer(samples: list[Sample]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_llava(backbone: Backbone, vocab_size: int, seed: int = 0):
-    """A tiny LLaVA-OneVision: the backbone's tower + projector and a 2-layer Qwen2 language model."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+def tiny_mllm(backbone: Backbone, vocab_size: int, seed: int = 0):
+    """A tiny transformers MLLM of the backbone's family: its tower + projector and a 2-layer Qwen2 LM."""
+    from .families import adapter_for
 
-    cfg = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", **backbone.vision),
-        text_config=dict(model_type="qwen2", hidden_size=backbone.llm_hidden_size, intermediate_size=2 * backbone.llm_hidden_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                         max_position_embeddings=4096, tie_word_embeddings=False),
-        image_grid_pinpoints=[list(p) for p in backbone.grid_pinpoints], vision_feature_layer=backbone.feature_layer,
-        vision_feature_select_strategy=backbone.select_strategy, projector_hidden_act=backbone.projector_act,
-        image_token_index=SPECIAL.index("<image>"), video_token_index=SPECIAL.index("<image>"),
-    )
     torch.manual_seed(seed)
-    return LlavaOnevisionForConditionalGeneration(cfg)
+    return adapter_for(backbone).tiny_mllm(backbone, vocab_size, SPECIAL.index("<image>"))
+
+
+def _adapter(mllm):
+    from .families import adapter_for_config
+
+    return adapter_for_config(mllm.config.to_dict(), f"the {type(mllm).__name__}")
 
 
 @dataclass
@@ -89,24 +86,22 @@ def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool
     return items
 
 
-def reference_crop_tokens(llava, crops: torch.Tensor) -> torch.Tensor:
-    """transformers' own vision path for crops: tower hidden state at the feature layer -> projector."""
-    cfg = llava.config
-    hs = llava.model.vision_tower(crops, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-    if cfg.vision_feature_select_strategy == "default":
-        hs = hs[:, 1:]
-    return llava.model.multi_modal_projector(hs)
+def reference_crop_tokens(mllm, crops: torch.Tensor) -> torch.Tensor:
+    """transformers' own vision path for crops [N, 3, S, S] -> tokens [N, T, D_llm] (the family adapter's
+    mllm_crop_tokens: tower, feature selection, projector, as the MLLM computes them)."""
+    return _adapter(mllm).mllm_crop_tokens(mllm, crops)
 
 
 def answer_scores(llava, crop_tokens: list[torch.Tensor], items: list[Item]):
     """Teacher-forced answer: (mean cross-entropy over answer tokens, exact match per sample [B] bool).
-    Each sequence is the anyres-packed visual tokens, the question, then the answer (right padded)."""
+    Each sequence is the packed visual tokens (the MLLM's own packing), the question, then the answer (right padded)."""
+    pack = _adapter(llava).mllm_pack
     lm = llava.model.language_model
     embed = lm.get_input_embeddings()
     dev = embed.weight.device
     seqs, spans = [], []
     for tokens, it in zip(crop_tokens, items):
-        packed = llava.model.pack_image_features([tokens], torch.tensor([it.size]), image_newline=llava.model.image_newline)[0][0]
+        packed = pack(llava, tokens, it.size)
         text = embed(torch.cat([it.question, it.answer[:-1]]).to(dev))
         seqs.append(torch.cat([packed.to(embed.weight.dtype), text]))
         start = len(packed) + len(it.question) - 1  # the position that predicts the first answer token

@@ -214,3 +214,37 @@ def test_run_cli_on_the_bundle(bundle, tmp_path):
     assert rc == 1 and len(rows) == 4  # 1: some image failed; the others are answered
     assert [r["embeddings_shape"] for r in rows[:3]] == [[n * 16, 128] for n in (1, 4, 4)]
     assert "error" in rows[3] and "\n" not in rows[3]["error"]
+
+
+def test_training_stages_on_a_tiny_internvl(tmp_path):
+    """joint SFT of a tiny InternVL -> disentangled experts (trunk and LM frozen) -> router -> eval, on the
+    family's own domain set; routed to versatile everywhere the split answers exactly as transformers' joint model."""
+    from mixpert_train.checkpoint import load_checkpoint
+    from mixpert_train.data.synthetic import generate
+    from mixpert_train.evaluate import evaluate
+    from mixpert_train.experts import ExpertConfig, run_experts
+    from mixpert_train.joint import JointConfig, run_joint
+    from mixpert_train.router import RouterConfig, run_router
+
+    data = tmp_path / "data"
+    assert generate(data, n_per_domain=10, seed=3, progress=False, domains=("chart", "doc", "general")) == {
+        "train": 24, "val": 3, "test": 3}
+    joint = run_joint(data, tmp_path / "joint", JointConfig("tiny-internvl", epochs=1, batch=8), progress=False)
+    assert json.loads((joint / "config.json").read_text())["model_type"] == "internvl"
+    assert backbone_from_snapshot(joint).family == "internvit"
+    experts = run_experts(data, joint, tmp_path / "experts",
+                          ExpertConfig(epochs=1, batch=8, micro_batch=4, lr_projector=1e-3, lr_vision=1e-3), progress=False)
+    tuned, base = load_checkpoint(experts), model_from_snapshot(joint, "tiny-internvl")
+    assert tuned.cfg.domains == ("chart", "doc", "general")
+    for k, v in tuned.state_dict().items():
+        if k.startswith(("trunk.", "experts.versatile.")):
+            assert torch.equal(v, base.state_dict()[k]), k  # frozen: bit-identical to the joint snapshot
+    for d in tuned.cfg.domains:
+        assert not torch.equal(tuned.experts[d].projector.linear_2.weight, base.experts[VERSATILE].projector.linear_2.weight)
+    final = run_router(data, experts, tmp_path / "final", RouterConfig(epochs=5, batch=8, lr=2e-3), progress=False)
+    assert load_checkpoint(final).router.fc2.out_features == 3
+    rep = evaluate(data, final, progress=False)
+    acc = rep["accuracy"]
+    assert acc["versatile everywhere"]["to_versatile"] == 1.0
+    for d in ("chart", "doc", "general", "all"):
+        assert acc["versatile everywhere"][d] == acc["joint"][d]

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm.auto import tqdm
 
+from ..errors import MixpertError
 from ..model import DOMAINS
 from .manifest import SPLITS, Sample, write_manifest
 
@@ -150,13 +151,19 @@ def general(rng, photos=None):
 GENERATORS = {"chart": chart, "doc": doc, "math": math, "ocr": ocr, "general": general}
 
 
-def generate(out: str | Path, n_per_domain: int = 200, seed: int = 0, fractions=(0.8, 0.1, 0.1), progress=True) -> dict:
-    """Write images/<domain>/<i>.png and train/val/test.jsonl under `out`. Same seed, same bytes."""
+def generate(out: str | Path, n_per_domain: int = 200, seed: int = 0, fractions=(0.8, 0.1, 0.1), progress=True,
+             domains=DOMAINS) -> dict:
+    """Write images/<domain>/<i>.png and train/val/test.jsonl under `out` for `domains` (a backbone's own set, e.g.
+    InternVL's chart, doc, general). Same seed, same bytes; a domain's images do not depend on the others chosen."""
     out = Path(out)
+    unknown = [d for d in domains if d not in GENERATORS]
+    if unknown:
+        raise MixpertError(f"no synthetic generator for domain(s) {unknown}; choose from {', '.join(GENERATORS)}")
     photos = _photos()
     splits = {s: [] for s in SPLITS}
-    bar = tqdm(total=n_per_domain * len(DOMAINS), desc="data", unit="img", disable=not progress)
-    for di, domain in enumerate(DOMAINS):
+    bar = tqdm(total=n_per_domain * len(domains), desc="data", unit="img", disable=not progress)
+    for domain in domains:
+        di = DOMAINS.index(domain)
         (out / "images" / domain).mkdir(parents=True, exist_ok=True)
         n_train, n_val = int(n_per_domain * fractions[0]), int(n_per_domain * fractions[1])
         for i in range(n_per_domain):

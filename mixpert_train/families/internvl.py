@@ -152,6 +152,32 @@ class InternVitAdapter(Adapter):
             max_patches=max(1, bb.max_grid_crops), image_mean=list(bb.image_mean), image_std=list(bb.image_std),
         )
 
+    def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
+        """A tiny InternVL: the backbone's tower + pixel shuffle + projector and a 2-layer Qwen2 language model."""
+        from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+        cfg = InternVLConfig(
+            vision_config=dict(bb.vision, model_type="internvl_vision"),
+            text_config=dict(model_type="qwen2", hidden_size=bb.llm_hidden_size, intermediate_size=2 * bb.llm_hidden_size,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                             max_position_embeddings=4096, tie_word_embeddings=False),
+            image_token_id=image_token_id, downsample_ratio=bb.downsample_ratio, vision_feature_layer=bb.feature_layer,
+            vision_feature_select_strategy=bb.select_strategy, projector_hidden_act=bb.projector_act,
+            image_seq_length=bb.tokens_per_crop,
+        )
+        model = InternVLForConditionalGeneration(cfg)
+        with torch.no_grad():  # transformers starts the class token and position embeddings at zero; break symmetry
+            emb = model.model.vision_tower.embeddings
+            emb.position_embeddings.normal_(0, 0.02)
+            emb.cls_token.normal_(0, 0.02)
+        return model
+
+    def mllm_crop_tokens(self, mllm, crops):
+        return mllm.model.get_image_features(pixel_values=crops).pooler_output
+
+    def mllm_pack(self, mllm, tokens, image_size):
+        return tokens.reshape(-1, tokens.shape[-1])
+
     def pack(self, bb: Backbone, tokens, image_size, newline=None) -> np.ndarray:
         """InternVL puts an image's tiles' tokens at its <IMG_CONTEXT> positions in tile order (the thumbnail
         last), nothing between them: [n_tiles * tokens_per_crop, D_llm]."""

@@ -126,6 +126,32 @@ class SiglipAdapter(Adapter):
     def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):
         return pack_anyres(bb, tokens, image_size, newline)
 
+    def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
+        """A tiny LLaVA-OneVision: the backbone's tower + projector and a 2-layer Qwen2 language model."""
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        cfg = LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", **bb.vision),
+            text_config=dict(model_type="qwen2", hidden_size=bb.llm_hidden_size, intermediate_size=2 * bb.llm_hidden_size,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                             max_position_embeddings=4096, tie_word_embeddings=False),
+            image_grid_pinpoints=[list(p) for p in bb.grid_pinpoints], vision_feature_layer=bb.feature_layer,
+            vision_feature_select_strategy=bb.select_strategy, projector_hidden_act=bb.projector_act,
+            image_token_index=image_token_id, video_token_index=image_token_id,
+        )
+        return LlavaOnevisionForConditionalGeneration(cfg)
+
+    def mllm_crop_tokens(self, mllm, crops):
+        cfg = mllm.config
+        hs = mllm.model.vision_tower(crops, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            hs = hs[:, 1:]
+        return mllm.model.multi_modal_projector(hs)
+
+    def mllm_pack(self, mllm, tokens, image_size):
+        return mllm.model.pack_image_features([tokens], torch.tensor([list(image_size)]),
+                                              image_newline=mllm.model.image_newline)[0][0]
+
 
 def pack_anyres(bb: Backbone, tokens, image_size: tuple[int, int], newline) -> np.ndarray:
     """LLaVA-OneVision's anyres packing of one image (its pack_image_features, vision_aspect_ratio anyres_max_N):
