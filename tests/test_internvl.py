@@ -248,3 +248,42 @@ def test_training_stages_on_a_tiny_internvl(tmp_path):
     assert acc["versatile everywhere"]["to_versatile"] == 1.0
     for d in ("chart", "doc", "general", "all"):
         assert acc["versatile everywhere"][d] == acc["joint"][d]
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_serve_and_triton_repository(internvl, bundle, tmp_path):
+    """`serve --packed` (a real Triton server through PyTriton) answers transformers' embeddings; the model
+    repository declares this family's token shape."""
+    pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'mixpert-deploy[serve]'")
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from triton_load import ServeProcess
+
+    from mixpert_export.serving.client import MixpertClient
+    from mixpert_export.serving.triton_repo import read_config, write_repository
+
+    model, snap = internvl
+    _, path = bundle
+    repo = write_repository(path, tmp_path / "repo", platform="python", kind="cpu")
+    top, part = read_config(repo / "mixpert" / "config.pbtxt"), read_config(repo / "mixpert_expert_versatile" / "config.pbtxt")
+    assert [list(o.dims) for o in top.output if o.name == "tokens"] == [[-1, 16, 128]]  # crops x 16 tokens x D_llm
+    assert [list(o.dims) for o in part.input] == [[65, 96]] and [list(o.dims) for o in part.output] == [[16, 128]]
+    images = _images()[1:4]
+    _, counts, ref = reference_features(model, snap, images)
+    with ServeProcess(path, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.01"]) as server:
+        client = MixpertClient(server.url)
+        start = 0
+        for im, n in zip(images, counts):
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            got = client.infer(buf.getvalue())
+            want = ref[start:start + n].reshape(-1, 128).numpy()
+            assert got.expert == VERSATILE and got.embeddings.shape == want.shape
+            assert np.abs(got.embeddings - want).max() <= 1e-4
+            start += n
+        with pytest.raises(MixpertError, match="not an image"):
+            client.infer(b"GIF89a not really")
+        client.close()
