@@ -260,6 +260,22 @@ def test_llava_ov_7b_random_init_fp16_build(tmp_path):
     assert m["parts"]["expert_chart"]["onnx"]["io"]["outputs"][0]["shape"] == ["crops", 729, 3584]
 
 
+@pytest.mark.slow
+@needs_trt
+def test_internvl2_8b_random_init_fp16_build(tmp_path):
+    """Real scale, second family: InternViT-300M trunk (22 layers, CLS token), four experts (2 layers + pixel
+    shuffle + LayerNorm-MLP projector into 4096), router over chart / doc / general, single encoder."""
+    out = tmp_path / "internvl"
+    assert main(["build", "--backbone", "internvl2-8b", "--random-init", "--precision", "fp16", "--out", str(out), "--quiet"]) == 0
+    m = mf.read_manifest(out)
+    assert m["tensorrt"] and all(p["validation"]["status"] == "pass" for p in m["parts"].values())
+    assert all(o["cosine"] >= 0.999 for p in m["parts"].values() for o in p["validation"]["outputs"].values())
+    assert sorted(m["parts"]) == sorted(["trunk", "router", "single_encoder"] + [f"expert_{e}" for e in ("chart", "doc", "general", "versatile")])
+    assert m["parts"]["trunk"]["onnx"]["io"]["outputs"][0]["shape"] == ["crops", 1025, 1024]
+    assert m["parts"]["expert_chart"]["onnx"]["io"]["outputs"][0]["shape"] == ["crops", 256, 4096]
+    assert m["parts"]["router"]["onnx"]["io"]["outputs"][0]["shape"] == ["images", 3]
+
+
 def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
     out = tmp_path / "int8"
     m = build_bundle(tiny_model, out, precision="int8", progress=False)
