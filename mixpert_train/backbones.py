@@ -188,6 +188,17 @@ class Adapter:
     config_types: tuple = field(default=())  # config.json model_type values of the MLLMs this family reads
     processor_types: tuple = field(default=())  # image_processor_type prefixes its snapshots may carry
 
+    def rename(self, key: str) -> list[tuple[str, tuple | None]]:
+        """A snapshot key in one of the family's older layouts -> [(the key as transformers' current layout
+        names it, the slice of the tensor it is: None for all, (part, parts) for a fused tensor split along
+        dim 0)]. Keys already in transformers' layout come back unchanged."""
+        return [(key, None)]
+
+    def reads_processor_file(self, config: dict) -> bool:
+        """Whether the snapshot's preprocessor_config.json defines this config's preprocessing (False where a
+        layout keeps its tiling in config.json and its processor file is unused, e.g. original InternVL)."""
+        return True
+
     def backbone_from_config(self, config: dict, name: str, base: Backbone | None, source: str,
                              processor: dict | None, processor_source: str | None) -> Backbone:
         """The architecture an MLLM config.json of this family describes; `base` (a registry entry) adds k and

@@ -45,7 +45,7 @@ def backbone_from_snapshot(snapshot: str | Path, name: str | None = None) -> Bac
     if base is not None and base.family != ad.family:
         raise MixpertError(f"{source}: a {cfg.get('model_type')} snapshot ({ad.family} tower), but --backbone {name} "
                            f"is a {base.family} model; pass the matching --backbone or the right snapshot")
-    processor, processor_file = processor_from_snapshot(snapshot, ad)
+    processor, processor_file = processor_from_snapshot(snapshot, ad) if ad.reads_processor_file(cfg) else (None, None)
     return ad.backbone_from_config(cfg, name or Path(snapshot).name, base, source, processor, processor_file)
 
 
@@ -124,12 +124,14 @@ def load_snapshot(model: MixpertVision, snapshot: str | Path) -> dict:
     snap, cfg = Path(snapshot), model.cfg
     read_snapshot_config(snap)
     shards = _shard_map(snap)
-    wanted: dict[str, tuple[str, Path]] = {}  # model key -> (snapshot key, shard)
+    ad = adapter_for(cfg.backbone)
+    wanted: dict[str, tuple[str, Path, tuple | None]] = {}  # model key -> (snapshot key, shard, slice of it)
     for key, shard in shards.items():
-        canon = canonical_name(key, cfg.backbone)
-        tgt = target_key(canon, cfg) if canon else None
-        if tgt is not None:
-            wanted[tgt] = (key, shard)
+        for name, part in ad.rename(key):  # an older layout's key -> transformers' names (a fused tensor -> parts)
+            canon = canonical_name(name, cfg.backbone)
+            tgt = target_key(canon, cfg) if canon else None
+            if tgt is not None:
+                wanted[tgt] = (key, shard, part)
     state = model.state_dict()
     need = [k for k in state if k.startswith(("trunk.", f"experts.{VERSATILE}.", "packing."))]
     need = [k for k in need if not k.endswith("position_ids")]  # a buffer, not a weight
@@ -146,6 +148,10 @@ def load_snapshot(model: MixpertVision, snapshot: str | Path) -> dict:
                 key = wanted[tgt][0]
                 try:
                     t = f.get_tensor(key)
+                    part = wanted[tgt][2]
+                    if part is not None:  # (i, n): the i-th of n equal slices along dim 0 (a fused q/k/v)
+                        i, n = part
+                        t = t[i * (t.shape[0] // n):(i + 1) * (t.shape[0] // n)]
                 except (SafetensorError, OSError, ValueError) as e:
                     raise MixpertError(f"{shard}: tensor {key} unreadable ({e}); re-download this shard") from None
                 if tuple(t.shape) != tuple(state[tgt].shape):

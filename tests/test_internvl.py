@@ -44,7 +44,8 @@ def save_snapshot(model, path, max_patches=6, mean=(0.485, 0.456, 0.406), std=(0
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     model.save_pretrained(path, max_shard_size="200KB")  # sharded: the loader opens only the vision shards
-    GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1,
+    # crop_to_patches false, as transformers' -hf conversion saves it: InternVLProcessor tiles anyway
+    GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=False, min_patches=1,
                              max_patches=max_patches, image_mean=list(mean), image_std=list(std)).save_pretrained(path)
     return path
 
@@ -61,30 +62,36 @@ def _images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
 
 
-def reference_features(model, snap, images):
-    """transformers' processor loaded from the snapshot, then the model's own get_image_features."""
+def reference_pixels(snap, images, return_tensors="pt"):
+    """What transformers' InternVLProcessor feeds the model: the snapshot's image processor, called with the
+    processor's own image kwargs (InternVLProcessor.images_kwargs: crop_to_patches=True over the saved config)."""
     from transformers import AutoImageProcessor
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
 
+    assert InternVLProcessor.images_kwargs == {"crop_to_patches": True}  # what this reference stands for
     proc = AutoImageProcessor.from_pretrained(snap)
-    out = proc(images=images, return_tensors="pt")
+    return proc(images=images, return_tensors=return_tensors, **InternVLProcessor.images_kwargs)
+
+
+def reference_features(model, snap, images):
+    """transformers' processing of the snapshot, then the model's own get_image_features."""
+    out = reference_pixels(snap, images)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=out["pixel_values"]).pooler_output
     return out["pixel_values"], out["num_patches"].tolist(), feats
 
 
 def test_preprocessing_equals_the_snapshots_processor_bit_for_bit(internvl):
-    from transformers import AutoImageProcessor
-
     from mixpert_train.preprocess import Preprocessor
 
     _, snap = internvl
     bb = backbone_from_snapshot(snap, "tiny-internvl")
     assert bb.image_mean == (0.4, 0.5, 0.6) and bb.max_crops == 7  # the snapshot's own config, not the entry's
-    ours, ref = Preprocessor(bb), AutoImageProcessor.from_pretrained(snap)
+    ours = Preprocessor(bb)
     counts = []
     for im in _images():
         a = ours.crops(im)
-        b = ref(images=[im], return_tensors="np")["pixel_values"]
+        b = reference_pixels(snap, [im], "np")["pixel_values"]
         assert a.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
         counts.append(len(a))
     assert len(set(counts)) >= 4 and max(counts) <= bb.max_crops  # several tilings, thumbnail included
@@ -287,3 +294,79 @@ def test_serve_and_triton_repository(internvl, bundle, tmp_path):
         with pytest.raises(MixpertError, match="not an image"):
             client.infer(b"GIF89a not really")
         client.close()
+
+
+def write_original_layout(model, path, max_patches=6):
+    """The tiny model as the original InternVL (trust_remote_code) snapshot stores it: vision_model.* with fused
+    attn.qkv, ls1/ls2, norm1/norm2, mlp1.{0,1,3}, an internvl_chat config.json keeping the tiling, and the unused
+    CLIP-style preprocessor_config.json such snapshots carry."""
+    import re
+
+    from safetensors.torch import save_file
+
+    sd, out = model.state_dict(), {}
+    inverse = [(r"^model\.vision_tower", "vision_model"), (r"\.layer\.", ".layers."), ("cls_token", "class_embedding"),
+               ("position_embeddings", "position_embedding"), (r"patch_embeddings\.projection", "patch_embedding"),
+               (r"\.lambda_(\d)$", r".ls\1"), (r"attention\.projection_layer", "attn.proj"), (r"\.attention\.", ".attn."),
+               ("layernorm_before", "norm1"), ("layernorm_after", "norm2")]
+    for k, v in sd.items():
+        if k.startswith("model.vision_tower."):
+            if ".attention.k_proj." in k or ".attention.v_proj." in k:
+                continue
+            name = k
+            for a, b in inverse:
+                name = re.sub(a, b, name)
+            if ".attn.q_proj." in name:
+                kk, vv = k.replace("q_proj", "k_proj"), k.replace("q_proj", "v_proj")
+                out[name.replace("q_proj", "qkv")] = torch.cat([v, sd[kk], sd[vv]]).contiguous()
+            else:
+                out[name] = v.contiguous()
+        elif k.startswith("model.multi_modal_projector."):
+            rest = k[len("model.multi_modal_projector."):]
+            for new, old in (("mlp1.0.", "layer_norm."), ("mlp1.1.", "linear_1."), ("mlp1.3.", "linear_2.")):
+                if rest.startswith(old):
+                    out[new + rest[len(old):]] = v.contiguous()
+        else:
+            out[k.replace("model.language_model.", "language_model.model.")] = v.clone().contiguous()
+    path.mkdir(parents=True)
+    save_file(out, str(path / "model.safetensors"))
+    c = model.config
+    vision = {k: getattr(c.vision_config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "patch_size", "hidden_act", "layer_norm_eps", "norm_type")}
+    vision |= {"model_type": "intern_vit_6b", "qkv_bias": True, "qk_normalization": False, "image_size": 64,
+               "patch_size": 8, "architectures": ["InternVisionModel"]}
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "vision_config": vision,
+        "llm_config": {"model_type": "qwen2", "hidden_size": c.text_config.hidden_size}, "select_layer": -1,
+        "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": 64, "dynamic_image_size": True,
+        "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": max_patches, "template": "internlm2-chat"}))
+    (path / "preprocessor_config.json").write_text(json.dumps({"crop_size": 64, "do_center_crop": True, "size": 64,
+                                                               "feature_extractor_type": "CLIPFeatureExtractor"}))
+    return path
+
+
+def test_original_layout_snapshot_equals_transformers(internvl, tmp_path):
+    """An original-layout snapshot of the same weights: fused q/k/v split, keys renamed, tiling from config.json;
+    versatile = transformers' (-hf) features on transformers' tiles, <= 1e-5."""
+    from mixpert_train.preprocess import Preprocessor
+
+    model, snap = internvl
+    orig = write_original_layout(model, tmp_path / "orig")
+    bb = backbone_from_snapshot(orig, "tiny-internvl")
+    assert bb.max_crops == 7 and bb.image_mean == (0.485, 0.456, 0.406)
+    ours = model_from_snapshot(orig, "tiny-internvl")
+    images = _images()
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    ref_proc = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=6,
+                                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    px = ref_proc(images=images, return_tensors="pt")["pixel_values"]
+    assert np.array_equal(np.concatenate([Preprocessor(bb).crops(im) for im in images]), px.numpy())
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=px).pooler_output
+        got = ours.experts[VERSATILE](ours.trunk(px))
+    assert (got - ref).abs().max().item() <= 1e-5
+    with pytest.raises(MixpertError, match="ps_version 'v1'"):
+        cfg = json.loads((orig / "config.json").read_text())
+        (orig / "config.json").write_text(json.dumps(cfg | {"ps_version": "v1"}))
+        backbone_from_snapshot(orig, "tiny-internvl")

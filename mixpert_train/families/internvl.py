@@ -33,11 +33,59 @@ def _side(v) -> int:
     return int(v)
 
 
+# The original (trust_remote_code) InternVL layout -> transformers' names, in this order (as transformers' own
+# convert_internvl_weights_to_hf.py renames them); attn.qkv is fused q/k/v, split into thirds along dim 0.
+_ORIGINAL_VISION = (("^vision_model", "vision_tower"), (r"\.layers\.", ".layer."), ("class_embedding", "cls_token"),
+                    ("position_embedding", "position_embeddings"), ("patch_embedding", "patch_embeddings.projection"),
+                    (r"\.ls(\d+)$", r".lambda_\1"), (r"attn\.proj", "attention.projection_layer"), (r"\.attn\.", ".attention."),
+                    ("norm1", "layernorm_before"), ("norm2", "layernorm_after"))
+_ORIGINAL_PROJECTOR = {"mlp1.0.": "multi_modal_projector.layer_norm.", "mlp1.1.": "multi_modal_projector.linear_1.",
+                       "mlp1.3.": "multi_modal_projector.linear_2."}
+
+
+def original_config(config: dict, source: str) -> dict:
+    """An original InternVL config.json (model_type internvl_chat: vision_config of intern_vit_6b, llm_config,
+    select_layer, ps_version) as the -hf config transformers' conversion writes, plus the tiling it implies."""
+    if config.get("ps_version", "v2") != "v2":
+        raise MixpertError(f"{source}: ps_version {config.get('ps_version')!r}; only v2 pixel shuffle (InternVL2 and "
+                           "later, what transformers implements) is supported")
+    v = dict(config.get("vision_config") or {})
+    for old, new in (("qkv_bias", "attention_bias"), ("qk_normalization", "use_qk_norm")):
+        if old in v:
+            v[new] = v.pop(old)
+    v["model_type"] = "internvl_vision"
+    llm = config.get("llm_config") or {}
+    if "hidden_size" not in llm:
+        raise MixpertError(f"{source}: llm_config.hidden_size missing; is this an InternVL chat snapshot?")
+    size = int(config.get("force_image_size") or v.get("image_size", 448))
+    v["image_size"] = size
+    return {"model_type": "internvl", "vision_config": v, "text_config": {"hidden_size": llm["hidden_size"]},
+            "vision_feature_layer": int(config.get("select_layer", -1)), "vision_feature_select_strategy": "default",
+            "downsample_ratio": float(config.get("downsample_ratio", 0.5)), "projector_hidden_act": "gelu",
+            "_tiles": {"size": {"height": size, "width": size}, "crop_to_patches": bool(config.get("dynamic_image_size", True)),
+                       "min_patches": int(config.get("min_dynamic_patch", 1)), "max_patches": int(config.get("max_dynamic_patch", 12)),
+                       "image_mean": list(IMAGENET["image_mean"]), "image_std": list(IMAGENET["image_std"]),
+                       "image_processor_type": "GotOcr2ImageProcessor"}}
+
+
+def processor_call_defaults() -> dict:
+    """What transformers' InternVLProcessor passes its image processor on every call (crop_to_patches=True), which
+    takes precedence over the image processor's own saved config: the -hf conversion saves crop_to_patches false
+    and the processor tiles anyway. The images the MLLM sees are these."""
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    return dict(getattr(InternVLProcessor, "images_kwargs", {}) or {})
+
+
 def backbone_from_internvl_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json",
                                   processor: dict | None = None,
                                   processor_source: str = "preprocessor_config.json") -> Backbone:
     """The architecture an InternVL (-hf) config.json describes; `base` adds k and the domain set.
     `processor`: the snapshot's GotOcr2 image-processor config, then the source of truth for tiling."""
+    if config.get("model_type") == "internvl_chat":  # the original layout: its own config names, tiling in config.json
+        config = original_config(config, source)
+        if processor is None:
+            processor, processor_source = config["_tiles"], source
     if config.get("model_type") != "internvl" or "vision_config" not in config:
         raise MixpertError(f"{source}: not an InternVL config (model_type={config.get('model_type')!r}); "
                            "pass --weights an internvl (-hf layout) snapshot directory")
@@ -59,6 +107,7 @@ def backbone_from_internvl_config(config: dict, name: str, base: Backbone | None
     defaults = {f.name: f.default for f in dataclasses.fields(Backbone) if f.default is not dataclasses.MISSING}
     norm, max_tiles = {}, base.max_grid_crops if base else 12
     if processor is not None:
+        processor = dict(processor) | processor_call_defaults()
         size = processor.get("size") or {}
         if (size.get("height"), size.get("width")) != (vision["image_size"],) * 2:
             raise MixpertError(f"{processor_source}: size {size} differs from the vision tower's image_size "
@@ -120,8 +169,25 @@ class InternVitAdapter(Adapter):
     tower_prefixes: tuple = ("model.vision_tower.", "vision_tower.")
     projector_prefixes: tuple = ("model.multi_modal_projector.", "multi_modal_projector.")
     layer_prefix: str = "encoder.layer."
-    config_types: tuple = ("internvl",)
+    config_types: tuple = ("internvl", "internvl_chat")  # -hf (transformers) and the original remote-code layout
     processor_types: tuple = ("GotOcr2ImageProcessor",)
+
+    def rename(self, key: str) -> list[tuple[str, tuple | None]]:
+        import re
+
+        if key.startswith("vision_model."):
+            for pattern, repl in _ORIGINAL_VISION:
+                key = re.sub(pattern, repl, key)
+            if ".attention.qkv." in key:
+                return [(key.replace(".qkv.", f".{n}_proj."), (i, 3)) for i, n in enumerate("qkv")]
+            return [(key, None)]
+        for old, new in _ORIGINAL_PROJECTOR.items():
+            if key.startswith(old):
+                return [(new + key[len(old):], None)]
+        return [(key, None)]
+
+    def reads_processor_file(self, config: dict) -> bool:
+        return config.get("model_type") != "internvl_chat"  # its remote code tiles from config.json, not that file
 
     def backbone_from_config(self, config, name, base, source, processor, processor_source):
         return backbone_from_internvl_config(config, name, base, source, processor,
