@@ -218,6 +218,11 @@ class Adapter:
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError
 
+    def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
+        """How the family's processor turns one image placeholder of a rendered prompt into token ids: (the
+        placeholder, the id of each image position, ids before the positions, ids after them)."""
+        raise NotImplementedError(f"{self.family}: no prompt format for answers yet")
+
     # The training side: a tiny transformers MLLM of this family and its own vision path and packing, in torch
     # (differentiable), which the joint stage trains and every stage's loss goes through.
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):

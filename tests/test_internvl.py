@@ -16,7 +16,7 @@ from mixpert_train.weights import backbone_from_snapshot, model_from_snapshot
 SIZES = [(64, 64), (100, 300), (300, 100), (257, 129), (500, 380), (33, 47)]  # (w, h): 1 to 7 tiles
 
 
-def make_internvl(seed=0, max_patches=6, **overrides):
+def make_internvl(seed=0, max_patches=6, image_token_id=7, **overrides):
     """A tiny transformers InternVL (tiny-internvl's tower, a 2-layer Qwen2), every weight random (transformers
     zeroes the class token and position embeddings at init: a test on those would not see them)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -27,7 +27,7 @@ def make_internvl(seed=0, max_patches=6, **overrides):
         vision_config=vision,
         text_config=dict(model_type="qwen2", hidden_size=bb.llm_hidden_size, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096),
-        image_token_id=7, downsample_ratio=0.5, **overrides,
+        image_token_id=image_token_id, downsample_ratio=0.5, **overrides,
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg).eval()
@@ -370,3 +370,66 @@ def test_original_layout_snapshot_equals_transformers(internvl, tmp_path):
         cfg = json.loads((orig / "config.json").read_text())
         (orig / "config.json").write_text(json.dumps(cfg | {"ps_version": "v1"}))
         backbone_from_snapshot(orig, "tiny-internvl")
+
+
+ASK_TEMPLATE = ("{% for m in messages %}<|user|> {% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} <|assistant|>{% endif %}")
+
+
+def internvl_tokenizer():
+    """A word-level tokenizer with InternVL's image tokens registered as transformers' -hf tokenizers have them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, "<img>": 3, "</img>": 4, "<IMG_CONTEXT>": 5, "<video>": 6,
+             "<|user|>": 7, "<|assistant|>": 8} | {f"w{i}": i for i in range(9, 300)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+
+
+def test_ask_equals_transformers_generate(tmp_path):
+    """ask on an InternVL bundle + the snapshot's LLM: token-for-token transformers' InternVLForConditionalGeneration
+    .generate (greedy) on the prompt InternVLProcessor builds (start + context x 16 x tiles + end), torch and ORT."""
+    from jinja2 import Template
+
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+    from mixpert_export.serving.ask import LanguageModel, ask
+
+    model = make_internvl(seed=5, image_token_id=5)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():  # a random LLM that reacts to its input
+            p.mul_(4.0) if p.dim() > 1 else None
+    snap = save_snapshot(model, tmp_path / "snap")
+    tok = internvl_tokenizer()
+    tok.save_pretrained(snap)
+    (snap / "chat_template.jinja").write_text(ASK_TEMPLATE)
+    m, src = resolve(backbone="tiny-internvl", weights=str(snap))
+    build_bundle(m, tmp_path / "bundle", runtime="onnxruntime", max_crops=10, source=src, with_baseline=False,
+                 progress=False, validate=False)
+    llm = LanguageModel.from_snapshot(snap)
+    question, new = " w10 w11 w12", 10
+    answers = []
+    for runtime in ("torch", "onnxruntime"):
+        pipe = MixpertPipeline.from_engines(tmp_path / "bundle", runtime=runtime, packed=True, tau=1.01)
+        for im in _images()[:3]:
+            px = reference_pixels(snap, [im])
+            n = int(px["num_patches"][0]) * 16
+            text = Template(ASK_TEMPLATE).render(messages=[{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+            text = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>")  # replace_image_token
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
+                                     pixel_values=px["pixel_values"], max_new_tokens=new, do_sample=False, pad_token_id=0)
+            want = out[0, ids["input_ids"].shape[1]:].tolist()
+            want = want[:want.index(2)] if 2 in want else want
+            got = ask(pipe, llm, im, question, max_new_tokens=new)
+            assert llm.input_ids(question, got.image_positions) == ids["input_ids"][0].tolist()
+            assert got.expert == VERSATILE and got.token_ids == want and len(want) >= 3, (im.size, got.token_ids, want)
+            answers.append(tuple(want))
+    assert len(set(answers)) >= 2  # the image changes the answer: the test would see an ignored vision side

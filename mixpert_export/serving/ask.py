@@ -7,8 +7,10 @@ Only the language model's tensors are read from the snapshot (its vision tower a
 business); nothing is downloaded. The prompt is the snapshot's own chat template when it has one (the processor's
 `chat_template.json` / `.jinja`, else the tokenizer's), rendered with one image and the question; without one the
 sequence is the image followed by the question, as the demo's MLLM was trained. The image placeholder becomes one
-position per packed embedding, exactly as transformers' processor expands it, and those positions take the
-embeddings: what LlavaOnevisionForConditionalGeneration does inside its own forward.
+position per packed embedding (inside the family's image start / end tokens where it has them: InternVL), exactly
+as the family's transformers processor expands it (the family adapter's image_prompt), and those positions take
+the embeddings: what LlavaOnevisionForConditionalGeneration / InternVLForConditionalGeneration do inside their
+own forward.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from mixpert_train.errors import MixpertError
 # (prefix in the snapshot, prefix in a plain causal LM), newest layout first
 LLM_PREFIXES = (("model.language_model.", "model."), ("lm_head.", "lm_head."),
                 ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
-FAMILIES = {"llava_onevision": "<image>"}  # model_type -> the processor's image placeholder
 
 
 @dataclass
@@ -49,9 +50,11 @@ class Answer:
 class LanguageModel:
     """The LLM half of a local MLLM snapshot: its causal LM, tokenizer and prompt template."""
 
-    def __init__(self, model, tokenizer, template: str | None, image_token_id: int, placeholder: str, source: Path):
+    def __init__(self, model, tokenizer, template: str | None, image_token_id: int, placeholder: str, source: Path,
+                 open_ids: list | None = None, close_ids: list | None = None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.image_token_id, self.placeholder, self.source = image_token_id, placeholder, source
+        self.open_ids, self.close_ids = list(open_ids or []), list(close_ids or [])
 
     @property
     def hidden_size(self) -> int:
@@ -62,15 +65,18 @@ class LanguageModel:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from mixpert_train.families import adapter_for_config
         from mixpert_train.weights import _open, _shard_map, read_snapshot_config
 
         snap = Path(snapshot)
         config = read_snapshot_config(snap)
-        kind = config.get("model_type")
-        if kind not in FAMILIES or "text_config" not in config:
-            raise MixpertError(f"{snap / 'config.json'}: model_type {kind!r} is not an MLLM this package answers with "
-                               f"({', '.join(FAMILIES)}); pass --llm the snapshot the bundle's vision side came from")
+        family = adapter_for_config(config, str(snap / "config.json"))
+        if "text_config" not in config:
+            raise MixpertError(f"{snap / 'config.json'}: no text_config (model_type {config.get('model_type')!r}); "
+                               "ask needs a transformers (-hf) snapshot of the MLLM, e.g. save_pretrained's")
         text = dict(config["text_config"])
+        if "tie_word_embeddings" in config:  # the MLLM's own flag governs its LM head (InternVL ties by default)
+            text["tie_word_embeddings"] = bool(config["tie_word_embeddings"])
         cfg = AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
@@ -110,8 +116,8 @@ class LanguageModel:
         except (OSError, ValueError) as e:
             raise MixpertError(f"{snap}: no tokenizer transformers can load ({str(e).splitlines()[0][:120]}); "
                                "the snapshot needs its tokenizer files") from None
-        return cls(model, tokenizer, _template(snap, tokenizer), int(config.get("image_token_index", -1)),
-                   FAMILIES[kind], snap)
+        placeholder, image_token_id, open_ids, close_ids = family.image_prompt(config, tokenizer)
+        return cls(model, tokenizer, _template(snap, tokenizer), image_token_id, placeholder, snap, open_ids, close_ids)
 
     def prompt(self, question: str) -> tuple[str, str]:
         """The text before and after the image placeholder."""
@@ -133,7 +139,7 @@ class LanguageModel:
         """Token ids with the placeholder expanded to `n_image` image-token positions (as the processor does)."""
         before, after = self.prompt(question)
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        return enc(before) + [self.image_token_id] * n_image + enc(after)
+        return enc(before) + self.open_ids + [self.image_token_id] * n_image + self.close_ids + enc(after)
 
     def generate(self, embeddings: np.ndarray, question: str, max_new_tokens: int = 32) -> tuple[list[int], int]:
         """Greedy: (new token ids, prompt length) with `embeddings` [L, D] at the image positions."""

@@ -218,6 +218,16 @@ class InternVitAdapter(Adapter):
             max_patches=max(1, bb.max_grid_crops), image_mean=list(bb.image_mean), image_std=list(bb.image_std),
         )
 
+    def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
+        """InternVLProcessor: its tokenizer's context image token in the prompt becomes start + context x (tokens a
+        tile x tiles) + end (replace_image_token); the model fills the context positions."""
+        try:
+            return (tokenizer.context_image_token, int(tokenizer.context_image_token_id),
+                    [int(tokenizer.start_image_token_id)], [int(tokenizer.end_image_token_id)])
+        except (AttributeError, TypeError, ValueError):
+            raise MixpertError("the snapshot's tokenizer has no start/end/context image tokens (extra_special_tokens "
+                               "start_image_token, end_image_token, context_image_token): not an InternVL -hf tokenizer") from None
+
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
         """A tiny InternVL: the backbone's tower + pixel shuffle + projector and a 2-layer Qwen2 language model."""
         from transformers import InternVLConfig, InternVLForConditionalGeneration

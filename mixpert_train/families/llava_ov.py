@@ -126,6 +126,10 @@ class SiglipAdapter(Adapter):
     def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):
         return pack_anyres(bb, tokens, image_size, newline)
 
+    def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
+        # LlavaOnevisionProcessor: "<image>" becomes as many image tokens as the packed features, nothing around them
+        return "<image>", int(config.get("image_token_index", config.get("image_token_id", -1))), [], []
+
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
         """A tiny LLaVA-OneVision: the backbone's tower + projector and a 2-layer Qwen2 language model."""
         from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
