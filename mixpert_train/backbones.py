@@ -38,10 +38,13 @@ class Backbone:
     processor: dict | None = None
     # The entry's experts besides versatile (the router's width follows); () = model.DOMAINS, the paper's five.
     domains: tuple = ()
+    # Dynamic-resolution families (Qwen2-VL): (min_pixels, max_pixels) an image is resized into; () for crops.
+    pixels: tuple = ()
 
     @property
     def hidden_size(self) -> int:
-        return int(self.vision["hidden_size"])
+        """The tower's width (Qwen2-VL names it embed_dim; its vision hidden_size is the merger's output)."""
+        return int(self.vision.get("embed_dim") or self.vision["hidden_size"])
 
     @property
     def crop_size(self) -> int:
@@ -65,7 +68,7 @@ class Backbone:
 
     @property
     def tower_layers(self) -> int:
-        return int(self.vision["num_hidden_layers"])
+        return int(self.vision.get("num_hidden_layers") or self.vision["depth"])  # Qwen2-VL: depth
 
     @property
     def layers_in_use(self) -> int:
@@ -78,7 +81,10 @@ class Backbone:
 
     @property
     def max_crops(self) -> int:
-        """Crops of one image at most: the grid crops plus the base image."""
+        """Rows of one image at most: the grid crops plus the base image; for dynamic resolution, the patches
+        of an image resized to max_pixels."""
+        if self.pixels:
+            return int(self.pixels[1]) // int(self.vision["patch_size"]) ** 2
         return self.max_grid_crops + 1
 
     def replace(self, **changes) -> "Backbone":
@@ -88,7 +94,7 @@ class Backbone:
         d = dataclasses.asdict(self)
         d["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
         d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
-        d["domains"] = list(self.domains)
+        d["domains"], d["pixels"] = list(self.domains), list(self.pixels)
         return d
 
     @classmethod
@@ -96,7 +102,7 @@ class Backbone:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["grid_pinpoints"] = tuple(tuple(p) for p in d.get("grid_pinpoints", ()))
-        for key in ("image_mean", "image_std", "domains"):
+        for key in ("image_mean", "image_std", "domains", "pixels"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -121,6 +127,10 @@ _INTERNVIT_300M = dict(
     norm_type="layer_norm", use_qk_norm=False, layer_scale_init_value=0.1, use_mean_pooling=True,
 )
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# transformers' Qwen2VLVisionConfig names for Qwen2-VL-7B's ViT (its hidden_size is the merger's output, the LLM's).
+_QWEN2_VIT = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
+                  in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
 _TABLE8_DOMAINS = ("chart", "doc", "general")
 
 REGISTRY: dict[str, Backbone] = {
@@ -158,6 +168,21 @@ REGISTRY: dict[str, Backbone] = {
         llm_hidden_size=128, select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=6,
         image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
     ),
+    # Qwen2-VL-7B (paper Table 8): a 32-block ViT of width 1280 (2D rotary positions, quick-GELU), native dynamic
+    # resolution (sides multiples of 28, 56x56 to 28x28x1280 pixels: transformers' Qwen2-VL processor defaults),
+    # patch merger (2x2 patches -> one token) into Qwen2-7B's 3584; experts chart, doc, general + versatile.
+    "qwen2-vl-7b": Backbone(
+        name="qwen2-vl-7b", family="qwen2vit", vision=_QWEN2_VIT, llm_hidden_size=3584, max_grid_crops=1,
+        image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS, pixels=(56 * 56, 28 * 28 * 1280),
+    ),
+    # The same code path at a few MB: 8 px patches, sides multiples of 16, 256 to 16384 pixels (4 to 256 patches).
+    "tiny-qwen2-vl": Backbone(
+        name="tiny-qwen2-vl", family="qwen2vit",
+        vision=dict(depth=6, embed_dim=96, hidden_size=128, hidden_act="quick_gelu", mlp_ratio=4, num_heads=4,
+                    in_channels=3, patch_size=8, temporal_patch_size=2, spatial_merge_size=2),
+        llm_hidden_size=128, max_grid_crops=1, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS,
+        pixels=(16 * 16, 128 * 128),
+    ),
 }
 
 
@@ -185,6 +210,10 @@ class Adapter:
     projector_prefixes: tuple = field(default=())
     packing_keys: tuple = field(default=())  # snapshot keys of model.Packing's image_newline, if the family has one
     layer_prefix: str = "encoder.layers."  # transformers' name of the tower's layer list (InternViT: encoder.layer.)
+    embeddings_prefix: str = "embeddings."  # transformers' name of the tower's embeddings (Qwen2-VL: patch_embed.)
+    # What one row of the parts' leading axis is: a fixed-size crop (every part's I/O [crops, ...]), or a patch of a
+    # variable-size image (Qwen2-VL: [patches, ...], with per-row inputs the host computes, see `io`).
+    rows: str = "crops"
     config_types: tuple = field(default=())  # config.json model_type values of the MLLMs this family reads
     processor_types: tuple = field(default=())  # image_processor_type prefixes its snapshots may carry
 
@@ -217,6 +246,28 @@ class Adapter:
 
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError
+
+    def context(self, bb: Backbone) -> nn.Module | None:
+        """A parameter-free module: the per-row inputs (io()["rows"]) -> the extra arguments every layer takes
+        (Qwen2-VL: rotary cos/sin and the attention mask). None: layers take the hidden states alone."""
+        return None
+
+    def io(self, bb: Backbone) -> dict:
+        """The parts' tensors, shapes with named axes: pixels in, per-row inputs, hidden, tokens out, and
+        `merge`: input rows per output row of an expert (1: a crop gives a crop's tokens)."""
+        c, s = int(bb.vision.get("num_channels", 3)), bb.crop_size
+        return {"pixels": (("crops", c, s, s), "float32"), "rows": (),
+                "hidden": ("crops", bb.hidden_tokens, bb.hidden_size),
+                "tokens": ("crops", bb.tokens_per_crop, bb.llm_hidden_size), "merge": 1}
+
+    def example_grids(self, bb: Backbone) -> list:
+        """Grids of two small images of different shapes (patch families), for tracing and validation."""
+        raise NotImplementedError
+
+    def row_inputs(self, bb: Backbone, grids) -> dict:
+        """The per-row inputs of one call (name -> array with a row per input row), from each image's grid as
+        the preprocessor reports it; {} for crop families."""
+        return {}
 
     def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
         """How the family's processor turns one image placeholder of a rendered prompt into token ids: (the

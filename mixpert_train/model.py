@@ -99,34 +99,42 @@ class MixpertConfig:
 # ---------------------------------------------------------------------------------------------
 
 class Trunk(nn.Module):
-    """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers."""
+    """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers.
+    Patch families (Qwen2-VL): pixel_values [P, C*t*p*p] and the per-row inputs (position_ids, segment_ids) ->
+    hidden [P, D]; the family's context turns the row inputs into what each layer takes."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
         ad = adapter_for(cfg.backbone)
         self.embeddings = ad.embeddings(cfg.backbone)
+        self.context = ad.context(cfg.backbone)
         self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.trunk_layers)
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, *rows):
         h = self.embeddings(pixel_values)
+        ctx = self.context(*rows) if self.context is not None else ()
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, *ctx)
         return h
 
 
 class Expert(nn.Module):
-    """hidden [N_crops, T, D] -> tokens [N_crops, T', D_llm]: the last k layers + feature selection + projector."""
+    """hidden [N_crops, T, D] -> tokens [N_crops, T', D_llm]: the last k layers + feature selection + projector.
+    Patch families: hidden [P, D] and the rows' inputs -> tokens [P / merge, D_llm] (the merger)."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
         ad = adapter_for(cfg.backbone)
+        self.context = ad.context(cfg.backbone)
         self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.expert_layer_range)
         self.projector = ad.projector(cfg.backbone)
         self.drop_first = cfg.backbone.select_strategy == "default"
 
-    def forward(self, hidden):
-        for layer in self.layers:
-            hidden = layer(hidden)
+    def forward(self, hidden, *rows):
+        if self.layers:
+            ctx = self.context(*rows) if self.context is not None else ()
+            for layer in self.layers:
+                hidden = layer(hidden, *ctx)
         if self.drop_first:
             hidden = hidden[:, 1:]
         return self.projector(hidden)
@@ -137,6 +145,8 @@ class Router(nn.Module):
 
     `pool` averages crops into images (row b holds 1/n_b on the crops of image b; see pool_matrix), so
     the global average pool over all tokens of all crops of one image is one matmul and exports as such.
+    Patch families: hidden [P, D] and pool [B, P], 1/n_b on the n_b patches of image b (the same matrix over
+    patches): the average over every token of the image again.
     The router computes in fp32 whatever the trunk's precision: it is tiny and decides the routing.
     """
 
@@ -148,7 +158,8 @@ class Router(nn.Module):
         self.fc2 = nn.Linear(d, len(cfg.domains))
 
     def logits(self, hidden, pool):
-        pooled = pool.float() @ hidden.float().mean(dim=1)
+        h = hidden.float()
+        pooled = pool.float() @ (h.mean(dim=1) if h.dim() == 3 else h)
         return self.fc2(self.act(self.fc1(pooled)))
 
     def forward(self, hidden, pool):
@@ -162,8 +173,8 @@ class SingleEncoder(nn.Module):
         super().__init__()
         self.trunk, self.expert = trunk, expert
 
-    def forward(self, pixel_values):
-        return self.expert(self.trunk(pixel_values))
+    def forward(self, pixel_values, *rows):
+        return self.expert(self.trunk(pixel_values, *rows), *rows)
 
 
 class Packing(nn.Module):

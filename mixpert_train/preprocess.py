@@ -151,23 +151,34 @@ class Preprocessor:
         return out
 
     def crops(self, image: Image.Image):
-        """[n_crops, 3, S, S] float32: numpy, or a torch tensor on the preprocessing device when that is not the CPU."""
+        """[n_crops, 3, S, S] float32: numpy, or a torch tensor on the preprocessing device when that is not the CPU.
+        Patch families (Qwen2-VL): the flattened patches [n_patches, C*t*p*p]."""
+        return self.rows(image)[0]
+
+    def rows(self, image: Image.Image) -> tuple:
+        """(the image's rows: crops, or patches; its grid (t, h, w) in patches for patch families, else None)."""
         if self.lut is not None:
-            return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image)
-        out = self.processor(images=[image], return_tensors="np")
+            return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image), None
+        try:
+            out = self.processor(images=[image], return_tensors="np")
+        except ValueError as e:  # e.g. Qwen2-VL's "absolute aspect ratio must be smaller than 200"
+            raise ImageError(f"{image.width}x{image.height}: {str(e).splitlines()[0]}") from None
         px = np.asarray(out["pixel_values"], dtype=np.float32)
         px = px[0] if px.ndim == 5 else px  # anyres: [1, n, 3, S, S]; dynamic tiles (GotOcr2): [n, 3, S, S]
         if not np.isfinite(px).all():
             raise ImageError("preprocessing produced NaN or infinite values")
-        return px
+        grid = out.get("image_grid_thw")
+        return px, (tuple(int(v) for v in np.asarray(grid)[0]) if grid is not None else None)
 
     def __call__(self, src):
         return self.crops(load_image(src))
 
     def prepare(self, src) -> tuple:
-        """(crops, (height, width) of the decoded image): what packing for the LLM needs besides the tokens."""
+        """(rows, (height, width) of the decoded image, grid or None): what packing and the per-row inputs need
+        besides the pixels."""
         image = load_image(src)
-        return self.crops(image), (image.height, image.width)
+        px, grid = self.rows(image)
+        return px, (image.height, image.width), grid
 
     def describe(self) -> dict:
         """Which path makes the crops, for reports."""

@@ -1,5 +1,5 @@
-"""Vision tower + projector tensors from a local Hugging Face MLLM snapshot (safetensors only): LLaVA-OneVision
-or InternVL (-hf layout), the family read from config.json's model_type.
+"""Vision tower + projector tensors from a local Hugging Face MLLM snapshot (safetensors only): LLaVA-OneVision,
+InternVL (-hf and original layouts) or Qwen2-VL, the family read from config.json's model_type.
 
 Only the shards that hold vision or projector tensors are opened, and only those tensors are read: the
 language model never leaves the disk. The key layouts transformers has written are accepted.
@@ -78,15 +78,17 @@ def canonical_name(key: str, bb: Backbone) -> str | None:
     """'tower.<canonical>' / 'projector.<canonical>' for a vision or projector key, None for anything else.
     Canonical tower names: embeddings.* and encoder.layers.<i>.* whatever the family calls its layer list."""
     ad = adapter_for(bb)
+    for p in ad.projector_prefixes:  # first: a family may keep its projector inside the tower (Qwen2-VL's merger)
+        if key.startswith(p):
+            return "projector." + key[len(p):]
     for p in ad.tower_prefixes:
         if key.startswith(p):
             rest = key[len(p):]
             if rest.startswith(ad.layer_prefix):
                 rest = "encoder.layers." + rest[len(ad.layer_prefix):]
+            elif rest.startswith(ad.embeddings_prefix):
+                rest = "embeddings." + rest[len(ad.embeddings_prefix):]
             return "tower." + rest
-    for p in ad.projector_prefixes:
-        if key.startswith(p):
-            return "projector." + key[len(p):]
     if key in ad.packing_keys:
         return "packing.image_newline"
     return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
 from mixpert_train.model import MixpertVision
 from mixpert_train.staging import staged_dir
 
@@ -23,7 +24,7 @@ from . import manifest as mf
 from . import tensorrt_build as trtb
 from .onnx_export import OPSET, PartSpec, export_part, lowered, onnx_io, part_specs
 from .int8 import quantize_bundle
-from .validate import ValidationInputs, check, sample_crops, validate_part
+from .validate import check, sample_inputs, validate_part
 
 
 def peak_rss_mb() -> float:
@@ -52,7 +53,7 @@ def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: 
     """Export and validate every part into `bundle`; returns the manifest's `parts` section."""
     specs = part_specs(model.cfg, precision, with_baseline)
     low = lowered(model, precision)
-    inputs = ValidationInputs(model, sample_crops(model.cfg)) if validate else None
+    inputs = sample_inputs(model) if validate else None
     parts = {}
     bar = tqdm(specs, desc=f"export {precision}", unit="part", disable=not progress)
     for spec in bar:
@@ -94,13 +95,14 @@ def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bo
     cfg = mf.bundle_config(manifest)
     max_crops = manifest["max_crops"]
     opt = min(cfg.backbone.max_crops, max_crops)
+    least = adapter_for(cfg.backbone).io(cfg.backbone)["merge"]  # patches: a whole merge window at least
     bar = tqdm(list(manifest["parts"].items()), desc=f"engines ({trt.flavour})", unit="part", disable=not progress)
     for name, part in bar:
         bar.set_postfix_str(name)
         onnx_path = bundle / part["onnx"]["file"]
         engine_path = bundle / f"{name}.engine"
         symbolic = {t["name"]: [d if isinstance(d, str) else None for d in t["shape"]] for t in part["spec"]["inputs"]}
-        info = trtb.build_engine(trt, onnx_path, engine_path, symbolic, 1, opt, max_crops,
+        info = trtb.build_engine(trt, onnx_path, engine_path, symbolic, least, opt, max_crops,
                                  gpu_targets=[g for g in targets if g != "current"], timing_cache=cache, builder=builder)
         if not _io_eq(info["io"], part["spec"]):
             raise MixpertError(f"{engine_path}: engine I/O {info['io']} differs from {onnx_path.name}'s; rebuild the bundle")
@@ -128,7 +130,8 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
         raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
-    max_crops = int(max_crops or 4 * cfg.backbone.max_crops)
+    # crops: four of the largest images a call; patches (attention over the whole call): one largest image's worth
+    max_crops = int(max_crops or (4 if adapter_for(cfg.backbone).rows == "crops" else 1) * cfg.backbone.max_crops)
     t0 = time.perf_counter()
     with staged_dir(out, mf.BUNDLE, sources=source_paths(source)) as tmp:
         exported = precision if precision != "int8" else "fp32"  # int8 quantises validated fp32 parts

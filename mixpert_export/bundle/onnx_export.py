@@ -54,20 +54,26 @@ class PartSpec:
 
 
 def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -> list[PartSpec]:
-    """The I/O contract of every part: pixels and router I/O in fp32, hidden and tokens in `precision`."""
+    """The I/O contract of every part, from the family's io(): pixels, router I/O and per-row inputs (patch
+    families' positions and image ids) as they are, hidden and tokens in `precision`. The leading axis is 'crops'
+    (fixed-size crops) or 'patches' (Qwen2-VL's dynamic resolution, whose experts give 'merged' rows)."""
+    from mixpert_train.families import adapter_for
+
     bb, dt = cfg.backbone, ONNX_DTYPE[precision]
-    s, t0 = bb.crop_size, bb.hidden_tokens
-    pixels = TensorSpec("pixel_values", ("crops", int(bb.vision.get("num_channels", 3)), s, s), "float32")
-    hidden = TensorSpec("hidden", ("crops", t0, bb.hidden_size), dt)
-    tokens = TensorSpec("tokens", ("crops", bb.tokens_per_crop, bb.llm_hidden_size), dt)
+    io = adapter_for(bb).io(bb)
+    pixels = TensorSpec("pixel_values", *io["pixels"])
+    rows = tuple(TensorSpec(*r) for r in io["rows"])
+    hidden = TensorSpec("hidden", io["hidden"], dt)
+    tokens = TensorSpec("tokens", io["tokens"], dt)
+    unit = io["hidden"][0]
     specs = [
-        PartSpec("trunk", (pixels,), (hidden,)),
-        PartSpec("router", (hidden, TensorSpec("pool", ("images", "crops"), "float32")),
+        PartSpec("trunk", (pixels,) + rows, (hidden,)),
+        PartSpec("router", (hidden, TensorSpec("pool", ("images", unit), "float32")),
                  (TensorSpec("scores", ("images", len(cfg.domains)), "float32"),)),
     ]
-    specs += [PartSpec(f"expert_{e}", (hidden,), (tokens,)) for e in cfg.experts]
+    specs += [PartSpec(f"expert_{e}", (hidden,) + rows, (tokens,)) for e in cfg.experts]
     if with_baseline:
-        specs.append(PartSpec("single_encoder", (pixels,), (tokens,)))
+        specs.append(PartSpec("single_encoder", (pixels,) + rows, (tokens,)))
     return specs
 
 
@@ -91,8 +97,8 @@ class _PixelsIn(nn.Module):
         super().__init__()
         self.body, self.dtype = body, dtype
 
-    def forward(self, pixel_values):
-        return self.body(pixel_values.to(self.dtype))
+    def forward(self, pixel_values, *rows):
+        return self.body(pixel_values.to(self.dtype), *rows)
 
 
 def lowered(model: MixpertVision, precision: str) -> MixpertVision:
@@ -120,18 +126,41 @@ def part_module(model: MixpertVision, spec: PartSpec, precision: str) -> nn.Modu
 
 
 def example_inputs(spec: PartSpec, cfg: MixpertConfig, precision: str, crops: int = 3) -> tuple:
-    """Trace inputs: `crops` crops of two images. Sizes > 1 so no dynamic axis is specialised."""
+    """Trace inputs: rows of two images (`crops` crops; patch families: two grids of different sizes with their
+    per-row inputs). Sizes > 1 so no dynamic axis is specialised."""
+    from mixpert_train.families import adapter_for
     from mixpert_train.model import pool_matrix
 
+    bb = cfg.backbone
+    ad = adapter_for(bb)
+    counts, rows = [crops - 1, 1], {}
+    if ad.rows != "crops":
+        grids = ad.example_grids(bb)
+        counts, rows = [t * h * w for t, h, w in grids], ad.row_inputs(bb, grids)
     out = []
     for t in spec.inputs:
         if t.name == "pool":
-            out.append(torch.from_numpy(pool_matrix([crops - 1, 1])))
+            out.append(torch.from_numpy(pool_matrix(counts)))
             continue
-        shape = [crops if d == "crops" else d for d in t.shape]
+        if t.name in rows:
+            out.append(torch.from_numpy(rows[t.name]))
+            continue
+        shape = [sum(counts) if d in ("crops", "patches") else d for d in t.shape]
         dtype = PRECISIONS[precision] if t.dtype != "float32" else torch.float32
         out.append(torch.randn(shape).to(dtype))
     return tuple(out)
+
+
+def _by_signature(module: nn.Module, dynamic: tuple) -> tuple:
+    """torch.export matches dynamic shapes to forward's parameters: inputs past the named ones go to its *rows
+    as one tuple (the per-row inputs of patch families; empty for crop families)."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    if not params or params[-1].kind is not inspect.Parameter.VAR_POSITIONAL:
+        return dynamic
+    n = len(params) - 1
+    return tuple(dynamic[:n]) + (tuple(dynamic[n:]),)
 
 
 def _quiet():
@@ -147,12 +176,17 @@ def _quiet():
 def export_part(model: MixpertVision, spec: PartSpec, out_dir: Path, precision: str, max_crops: int) -> list[Path]:
     """Export one part of an already-lowered model to out_dir/spec.file (+ .data when large).
     Returns the files written. Raises MixpertError naming the part on failure."""
+    from mixpert_train.families import adapter_for
+
     module = part_module(model, spec, precision).eval()
     args = example_inputs(spec, model.cfg, precision)
+    merge = adapter_for(model.cfg.backbone).io(model.cfg.backbone)["merge"]
     crops = torch.export.Dim("crops", min=1, max=max_crops)
     images = torch.export.Dim("images", min=1, max=max_crops)
-    dims = {"crops": crops, "images": images}
+    merged = torch.export.Dim("merged", min=1, max=max(1, max_crops // merge))
+    dims = {"crops": crops, "images": images, "patches": merge * merged}  # a call's patches: whole merge windows
     dynamic = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+    dynamic = _by_signature(module, dynamic)
     path = out_dir / spec.file
     tmp = out_dir / f".{spec.file}.export"
     try:

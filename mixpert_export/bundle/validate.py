@@ -41,12 +41,14 @@ class TorchCpuRunner(BaseRunner):
         from polygraphy.common import TensorMetadata
 
         meta = TensorMetadata()
-        for t in self.spec.inputs:  # the reference takes fp32; dynamic axes are -1
-            meta.add(t.name, dtype=np.float32, shape=[d if isinstance(d, int) else -1 for d in t.shape])
+        for t in self.spec.inputs:  # the reference takes fp32 (integer row inputs as they are); dynamic axes are -1
+            meta.add(t.name, dtype=np.int64 if t.dtype == "int64" else np.float32,
+                     shape=[d if isinstance(d, int) else -1 for d in t.shape])
         return meta
 
     def infer_impl(self, feed_dict):
-        args = [torch.from_numpy(np.asarray(feed_dict[n], dtype=np.float32)) for n in self.input_names]
+        args = [torch.from_numpy(np.asarray(feed_dict[t.name], dtype=np.int64 if t.dtype == "int64" else np.float32))
+                for t in self.spec.inputs]
         start = time.perf_counter()
         with torch.no_grad():
             out = self.module(*args)
@@ -58,12 +60,10 @@ class TorchCpuRunner(BaseRunner):
         pass
 
 
-def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
-    """Validation crops, normalised like real inputs: drawn images (text, chart-like bars, a gradient scene)
-    and Gaussian noise. [N, 3, S, S] float32."""
+def sample_pictures(s: int, seed: int = 0) -> list:
+    """Drawn s x s RGB images: a text page, chart-like bars, a gradient scene."""
     from PIL import Image, ImageDraw
 
-    bb, s = cfg.backbone, cfg.backbone.crop_size
     rng = np.random.default_rng(seed)
     images = []
     doc = Image.new("RGB", (s, s), "white")
@@ -80,6 +80,14 @@ def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:s, 0:s] / max(1, s - 1)
     scene = np.stack([xx, yy, 1 - xx * yy], -1) * 255
     images.append(Image.fromarray(scene.astype(np.uint8)))
+    return images
+
+
+def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
+    """Validation crops, normalised like real inputs: the drawn images and Gaussian noise. [N, 3, S, S] float32."""
+    bb, s = cfg.backbone, cfg.backbone.crop_size
+    rng = np.random.default_rng(seed)
+    images = sample_pictures(s, seed)
     mean, std = np.array(bb.image_mean, np.float32), np.array(bb.image_std, np.float32)
     arrs = [((np.asarray(im, np.float32) / 255 - mean) / std).transpose(2, 0, 1) for im in images]
     arrs += list(rng.standard_normal((n_random, 3, s, s)).astype(np.float32))
@@ -87,27 +95,59 @@ def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
 
 
 class ValidationInputs:
-    """Real-looking crops and, computed once for all parts that take it, the fp32 trunk's output on them."""
+    """Real-looking rows (crops, or the patches of images of several sizes with their per-row inputs) and,
+    computed once for all parts that take it, the fp32 trunk's output on them. `counts`: rows an image."""
 
-    def __init__(self, model: MixpertVision, crops: np.ndarray):
+    def __init__(self, model: MixpertVision, crops: np.ndarray, rows: dict | None = None, counts=None):
         self.model, self.crops, self._hidden = model, crops, None
+        self.rows = rows or {}
+        self.counts = list(counts) if counts is not None else [2, 1, len(crops) - 3]
 
     @property
     def hidden(self) -> np.ndarray:
         if self._hidden is None:
             with torch.no_grad():
-                self._hidden = self.model.trunk(torch.from_numpy(self.crops)).numpy()
+                rows = [torch.from_numpy(v) for v in self.rows.values()]
+                self._hidden = self.model.trunk(torch.from_numpy(self.crops), *rows).numpy()
         return self._hidden
 
 
+def sample_inputs(model: MixpertVision) -> ValidationInputs:
+    """Validation rows for this model's family: sample_crops for crop families; for patch families the same
+    drawn images at several sizes and aspect ratios through the family's own image processor (each its own grid)."""
+    from PIL import Image
+
+    from mixpert_train.families import adapter_for
+    from mixpert_train.preprocess import Preprocessor
+
+    cfg = model.cfg
+    ad = adapter_for(cfg.backbone)
+    if ad.rows == "crops":
+        return ValidationInputs(model, sample_crops(cfg))
+    pre = Preprocessor(cfg.backbone)
+    s = int(cfg.backbone.vision["patch_size"]) * 8
+    noise = np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    pictures = sample_pictures(s) + [Image.fromarray(noise)]
+    sizes = [(s, s), (s // 2, 3 * s // 2), (3 * s // 2, s // 3), (s // 3, s // 4)]  # (w, h); the last resized up
+    patches, grids = [], []
+    for img, (w, h) in zip(pictures, sizes):
+        px, grid = pre.rows(img.resize((w, h)))
+        patches.append(px)
+        grids.append(grid)
+    rows = ad.row_inputs(cfg.backbone, grids)
+    return ValidationInputs(model, np.concatenate(patches), rows, [len(p) for p in patches])
+
+
 def validation_feeds(spec: PartSpec, inputs: ValidationInputs) -> list[dict]:
-    """One feed dict for this part: crops for pixel parts, the fp32 trunk's output for the others."""
+    """One feed dict for this part: rows for pixel parts, the fp32 trunk's output for the others."""
     crops = inputs.crops
+    names = {t.name for t in spec.inputs}
+    rows = {k: v for k, v in inputs.rows.items() if k in names}
     if spec.inputs[0].name == "pixel_values":
-        return [{"pixel_values": crops}]
-    feed = {"hidden": inputs.hidden}
+        return [{"pixel_values": crops} | rows]
+    feed = {"hidden": inputs.hidden} | rows
     if spec.name == "router":
-        feed["pool"] = pool_matrix([2, 1, len(crops) - 3])
+        feed["pool"] = pool_matrix(inputs.counts)
     return [feed]
 
 

@@ -35,10 +35,11 @@ class ImageResult:
     expert: str | list[str] | None = None  # one name; a name per crop with per_crop routing
     scores: list | None = None  # router softmax over the domains (per crop with per_crop routing)
     margin: float | list | None = None  # top1 - top2
-    crops: int = 0
-    tokens: Any = None  # [n_crops, T, D_llm]: the experts' output, per crop
+    crops: int = 0  # rows: crops, or patches for dynamic-resolution families (Qwen2-VL)
+    tokens: Any = None  # [n_crops, T, D_llm]: the experts' output, per crop; patch families: [n_patches / 4, D_llm]
     embeddings: Any = None  # [L, D_llm] with packed=True: what the LLM splices in at the image's token positions
     image_size: tuple | None = None  # (height, width) of the decoded image
+    grid: tuple | None = None  # (t, h, w) in patches, for patch families
     error: str | None = None
     latency_ms: float = 0.0  # the batch this image ran in (preprocessing excluded)
 
@@ -47,7 +48,7 @@ class ImageResult:
         return self.error is None
 
     def record(self) -> dict:
-        d = {"index": self.index, "path": self.source, "crops": self.crops}
+        d = {"index": self.index, "path": self.source, "crops": self.crops} | ({"grid": list(self.grid)} if self.grid else {})
         if self.error:
             return d | {"error": self.error}
         d |= {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms}
@@ -70,7 +71,13 @@ class MixpertPipeline:
         self.tau = self.cfg.tau if tau is None else tau
         self.lam = self.cfg.lam if lam is None else lam
         self.per_crop = per_crop
-        self.max_crops = int(manifest["max_crops"])
+        self.max_crops = int(manifest["max_crops"])  # rows a call: crops, or patches (the patch budget)
+        self.adapter = adapter_for(self.cfg.backbone)
+        self.io = self.adapter.io(self.cfg.backbone)
+        self.unit = self.adapter.rows
+        if per_crop and self.unit != "crops":
+            raise MixpertError(f"per-crop routing: {self.cfg.backbone.name} has no crops (one sequence of patches an "
+                               "image); drop --per-crop")
         self.preprocess = Preprocessor(self.cfg.backbone, device=preprocess_device)  # None: PIL on the host
         # packing (the bundle's image_newline, manifest.read_packing): each result also gets the embeddings its MLLM
         # splices in for the image (the family adapter's pack), not only the per-crop tokens
@@ -143,7 +150,7 @@ class MixpertPipeline:
     def _prepare(self, res: ImageResult, src) -> np.ndarray | None:
         """The image's crops, or None with `res.error` set (one line, this image only)."""
         try:
-            px, res.image_size = self.preprocess.prepare(src)
+            px, res.image_size, res.grid = self.preprocess.prepare(src)
         except ImageError as e:
             res.error = str(e)
             return None
@@ -152,7 +159,7 @@ class MixpertPipeline:
             return None
         res.crops = len(px)
         if res.crops > self.max_crops:
-            res.error = (f"{res.source}: needs {res.crops} crops, the bundle takes {self.max_crops} a call; "
+            res.error = (f"{res.source}: needs {res.crops} {self.unit}, the bundle takes {self.max_crops} a call; "
                          f"rebuild with --max-crops {res.crops} or more")
             return None
         return px
@@ -172,19 +179,25 @@ class MixpertPipeline:
         t0 = time.perf_counter()
         counts = [len(px) for _, px in batch]
         pixels = concat_crops([px for _, px in batch])
-        hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        # patch families: per-row inputs (positions, which image) from the grids, gathered with the rows per expert
+        rows = {k: be.from_host(v) for k, v in
+                self.adapter.row_inputs(self.cfg.backbone, [res.grid for res, _ in batch]).items()} if self.io["rows"] else {}
+        hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)} | rows)["hidden"]
         self._count("trunk")
         pool = pool_matrix(counts, per_crop=self.per_crop)
         scores = be.to_host(be.infer("router", {"hidden": hidden, "pool": be.from_host(pool)})["scores"])
         self._count("router")
         names = route(scores, self.cfg.domains, self.strategy, self.tau, self.lam) if experts is None else list(experts)
-        # routing units are images, or crops with per-crop routing; each unit owns a range of crops
+        # routing units are images, or crops with per-crop routing; each unit owns a range of rows
         starts = np.concatenate([[0], np.cumsum(counts)])
         unit_crops = ([np.arange(starts[i], starts[i + 1]) for i in range(len(counts))] if not self.per_crop
                       else [np.array([c]) for c in range(len(pixels))])
         groups = [(f"expert_{expert}", np.concatenate([unit_crops[u] for u, n in enumerate(names) if n == expert]))
                   for expert in dict.fromkeys(names)]  # first-use order: deterministic
-        out = be.run_experts(hidden, groups, len(pixels))  # [N_crops, T, D_llm] on the host
+        merge = self.io["merge"]
+        # [N_rows / merge, ...] on the host
+        out = be.run_experts(hidden, groups, len(pixels), rows=rows, merge=merge) if rows else \
+            be.run_experts(hidden, groups, len(pixels))
         for part, _ in groups:
             self._count(part)
         be.synchronize()
@@ -192,7 +205,7 @@ class MixpertPipeline:
         margin = margins(scores)
         for b, (res, _) in enumerate(batch):
             lo, hi = starts[b], starts[b + 1]
-            res.tokens = out[lo:hi]
+            res.tokens = out[lo // merge:hi // merge]
             res.latency_ms = ms
             if self.per_crop:
                 res.expert = [names[c] for c in range(lo, hi)]

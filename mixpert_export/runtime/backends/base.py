@@ -46,16 +46,33 @@ class Backend(ABC):
         """Rows `index` of x (an expert's group of crops), without leaving the device."""
         return x[index]
 
-    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
-        """Each (part, crop indices) group through its expert, once; tokens [n, ...] on the host in crop order.
-        This default gathers, infers and scatters group after group; a backend may do all of it on the device."""
+    def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
+        """Each (part, row indices) group through its expert, once; tokens [n / merge, ...] on the host in row order.
+        `rows`: per-row inputs (patch families), gathered with the group; `merge`: input rows an output row takes
+        (an image's rows are contiguous and a multiple of it). This default gathers, infers and scatters group
+        after group; a backend may do all of it on the device."""
         out = None
         for part, idx in groups:
-            group = self.to_host(self.infer(part, {"hidden": self.take(hidden, idx)})["tokens"])
+            feeds = {"hidden": self.take(hidden, idx)} | {k: self.take(v, idx) for k, v in (rows or {}).items()}
+            group = self.to_host(self.infer(part, feeds)["tokens"])
             if out is None:
-                out = np.empty((n,) + group.shape[1:], dtype=group.dtype)
-            out[idx] = group
+                out = np.empty((n // merge,) + group.shape[1:], dtype=group.dtype)
+            out[idx[::merge] // merge] = group
         return out
 
     def synchronize(self) -> None:
         """Wait for queued device work (timing); nothing to wait for on CPU."""
+
+
+def static_for_rows(static: bool, asked: bool, cfg) -> bool:
+    """The static path (buckets of preallocated buffers, CUDA graphs) buckets crops; a patch family (a variable
+    sequence an image) runs the dynamic path: silently when static was the device's default, refused when asked."""
+    from mixpert_train.errors import MixpertError
+    from mixpert_train.families import adapter_for
+
+    if not static or adapter_for(cfg.backbone).rows == "crops":
+        return static
+    if asked:
+        raise MixpertError(f"{cfg.backbone.name}: the static / CUDA-graph path buckets crops, not patches; "
+                           "run without static or graphs (the dynamic path)")
+    return False

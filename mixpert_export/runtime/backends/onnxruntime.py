@@ -14,11 +14,12 @@ import numpy as np
 import onnxruntime as ort
 
 from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
 
 from mixpert_export.bundle import manifest as mf
-from .base import Backend
+from .base import Backend, static_for_rows
 
-_NP = {"float32": np.float32, "float16": np.float16}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -29,6 +30,7 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         self.threads = threads
         self.static_mode = (device == "cuda") if static is None else bool(static)
+        self.static_asked = static is not None or cuda_graphs is not None
         self.cuda_graphs = (device == "cuda" and self.static_mode) if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and (device != "cuda" or not self.static_mode):
             raise MixpertError("ONNX Runtime CUDA graphs need --device cuda and the static path")
@@ -68,6 +70,8 @@ class OnnxRuntimeBackend(Backend):
         # one session per part: idle pools must not spin, or each part's threads starve the next part's
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.precision = manifest["precision"]
+        cfg = mf.bundle_config(manifest)
+        self.merge = adapter_for(cfg.backbone).io(cfg.backbone)["merge"]
         for name, part in manifest["parts"].items():
             path = bundle / part["onnx"]["file"]
             try:
@@ -78,6 +82,8 @@ class OnnxRuntimeBackend(Backend):
             self.sessions[name] = sess
             self.input_dtypes[name] = {t["name"]: _NP.get(t["dtype"], np.float32) for t in part["onnx"]["io"]["inputs"]}
             self.inputs[name], self.outputs[name] = part["spec"]["inputs"], part["spec"]["outputs"]
+        self.static_mode = static_for_rows(self.static_mode, self.static_asked, mf.bundle_config(manifest))
+        self.cuda_graphs = self.cuda_graphs and self.static_mode
         if self.static_mode:
             self._load_static(manifest)
         return self
@@ -116,9 +122,9 @@ class OnnxRuntimeBackend(Backend):
         t = x.detach().float().cpu()  # a host copy that owns its memory: x may be a static buffer
         return (t.clone() if t.data_ptr() == x.data_ptr() else t).numpy()
 
-    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
+    def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
         if self.static is None:
-            return super().run_experts(hidden, groups, n)
+            return super().run_experts(hidden, groups, n, rows, merge)
         return self.to_host(self.static.experts(hidden, groups))
 
     def take(self, x, index: np.ndarray):
@@ -138,7 +144,7 @@ class OnnxRuntimeBackend(Backend):
         import torch
 
         sess = self.sessions[part]
-        torch_dt = {np.float32: torch.float32, np.float16: torch.float16}
+        torch_dt = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64}
         binding = sess.io_binding()
         keep = []
         for t in self.inputs[part]:
@@ -150,6 +156,8 @@ class OnnxRuntimeBackend(Backend):
         axes = {}  # named dynamic axis -> size in this call ('crops', 'images'), read off the inputs
         for t, x in zip(self.inputs[part], keep):
             axes |= {d: x.shape[i] for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+        if "patches" in axes:  # an expert's output rows: one a merge window
+            axes["merged"] = axes["patches"] // self.merge
         outputs = {}
         for o in self.outputs[part]:
             shape = tuple(axes[d] if isinstance(d, str) else d for d in o["shape"])

@@ -46,7 +46,8 @@ class TensorRTBackend(Backend):
 
     def _dtype(self, trt_dtype):
         t, torch = self.trt.module, self.torch
-        return {t.float32: torch.float32, t.float16: torch.float16, t.bfloat16: torch.bfloat16}[trt_dtype]
+        return {t.float32: torch.float32, t.float16: torch.float16, t.bfloat16: torch.bfloat16,
+                t.int64: torch.int64}[trt_dtype]
 
     def from_host(self, x):
         if isinstance(x, self.torch.Tensor):  # device preprocessing's crops, made on torch's current stream

@@ -19,7 +19,7 @@ from mixpert_train.errors import MixpertError
 from mixpert_export.bundle import manifest as mf
 from mixpert_export.bundle.onnx_export import PRECISIONS, lowered, part_module, part_specs
 from mixpert_export.bundle.sources import model_from_source
-from .base import Backend
+from .base import Backend, static_for_rows
 
 
 class TorchBackend(Backend):
@@ -34,6 +34,7 @@ class TorchBackend(Backend):
         if self.graphs and not cuda:
             raise MixpertError("CUDA graphs need --device cuda")
         self.static_mode = cuda if static is None else bool(static) or self.graphs
+        self.static_asked = static is not None or graphs is not None
         self.compile, self.streams, self.buckets = compile, streams, buckets
         self.static = None
 
@@ -44,6 +45,7 @@ class TorchBackend(Backend):
         model = lowered(model, self.precision).to(self.device)
         self.parts = {s.name: part_module(model, s, self.precision) for s in part_specs(cfg, self.precision)}
         self.specs = {s.name: s for s in part_specs(cfg, self.precision)}
+        self.static_mode = static_for_rows(self.static_mode, self.static_asked, cfg)
         if self.compile:  # static shapes per bucket: compile once per part and bucket, graphs captured after
             import torch._dynamo
 
@@ -86,9 +88,9 @@ class TorchBackend(Backend):
         return {self.specs[part].outputs[0].name: out}
 
     @torch.inference_mode()
-    def run_experts(self, hidden, groups: list, n: int) -> np.ndarray:
+    def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
         if self.static is None:
-            return super().run_experts(hidden, groups, n)
+            return super().run_experts(hidden, groups, n, rows, merge)
         return self.to_host(self.static.experts(hidden, groups))  # one copy to the host for all groups
 
     def _args(self, part: str, feeds: dict) -> list:
@@ -97,7 +99,7 @@ class TorchBackend(Backend):
         for t in spec.inputs:
             x = feeds[t.name]
             x = x if isinstance(x, torch.Tensor) else self.from_host(x)
-            args.append(x.to(torch.float32 if t.dtype == "float32" else PRECISIONS[self.precision]))
+            args.append(x.to({"float32": torch.float32, "int64": torch.int64}.get(t.dtype, PRECISIONS[self.precision])))
         return args
 
     def synchronize(self):

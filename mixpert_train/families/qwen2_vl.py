@@ -1,0 +1,204 @@
+"""Qwen2-VL's vision side (transformers' Qwen2VLForConditionalGeneration): native dynamic resolution.
+
+An image is no set of fixed crops: the processor resizes it so both sides are multiples of 28 within its pixel
+bounds and flattens it into 14x14 patches ([n_patches, 3 x 2 x 14 x 14], the four patches of each 2x2 merge window
+consecutive), and the tower runs all patches of a call as one sequence whose attention stays inside each image,
+with 2D rotary positions from each image's grid; the merger turns every 4 consecutive patches into one LLM token.
+
+So the rows of this family's parts are patches, not crops, and every part takes two per-row inputs the host
+computes from the grids (`row_inputs`): `position_ids` [P, 2] (transformers' own get_vision_position_ids) and
+`segment_ids` [P] (which image of the call a patch belongs to). Inside the graph they become the rotary cos/sin and
+the block-diagonal attention mask, so a group of patches gathered for one expert carries its own structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    PatchEmbed, PatchMerger, Qwen2VLVisionBlock, Qwen2VLVisionRotaryEmbedding, apply_rotary_pos_emb_vision,
+)
+
+from ..backbones import Adapter, Backbone
+from ..errors import MixpertError
+
+# Qwen2VLVisionConfig fields that shape the tower's weights or arithmetic (transformers' names; its hidden_size is
+# the merger's output width, the LLM's; the tower's own width is embed_dim).
+_VISION_KEYS = ("depth", "embed_dim", "hidden_size", "hidden_act", "mlp_ratio", "num_heads", "in_channels",
+                "patch_size", "temporal_patch_size", "spatial_merge_size")
+
+
+def backbone_from_qwen2_vl_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json",
+                                  processor: dict | None = None,
+                                  processor_source: str = "preprocessor_config.json") -> Backbone:
+    """The architecture a Qwen2-VL config.json describes; `base` adds k and the domain set; `processor`: the
+    snapshot's Qwen2-VL image-processor config, then the source of truth for resizing and normalisation."""
+    if config.get("model_type") != "qwen2_vl" or "vision_config" not in config:
+        raise MixpertError(f"{source}: not a Qwen2-VL config (model_type={config.get('model_type')!r}); "
+                           "pass --weights a qwen2_vl snapshot directory")
+    vision_in = dict(config["vision_config"])
+    full = Qwen2VLVisionConfig(**{k: vision_in[k] for k in _VISION_KEYS if k in vision_in})
+    vision = {k: getattr(full, k) for k in _VISION_KEYS}
+    for k in ("patch_size", "temporal_patch_size"):
+        v = vision[k]
+        if isinstance(v, (list, tuple)):
+            if len(set(v)) != 1:
+                raise MixpertError(f"{source}: non-square {k} {v} is not supported")
+            vision[k] = int(v[0])
+    text = config.get("text_config") or {}
+    llm = int(text.get("hidden_size", config.get("hidden_size", vision["hidden_size"])))
+    if llm != int(vision["hidden_size"]):
+        raise MixpertError(f"{source}: the merger's output width vision_config.hidden_size {vision['hidden_size']} "
+                           f"differs from the language model's {llm}; the snapshot is inconsistent")
+    norm = {}
+    if processor is not None:
+        if int(processor.get("patch_size", vision["patch_size"])) != vision["patch_size"] or \
+                int(processor.get("merge_size", vision["spatial_merge_size"])) != vision["spatial_merge_size"] or \
+                int(processor.get("temporal_patch_size", vision["temporal_patch_size"])) != vision["temporal_patch_size"]:
+            raise MixpertError(f"{processor_source}: patch_size / merge_size / temporal_patch_size differ from the "
+                               f"vision tower's in {source}; the snapshot is inconsistent, fix one of the two")
+        norm = {k: tuple(processor[k]) for k in ("image_mean", "image_std") if k in processor}
+        size = processor.get("size") or {}
+        lo = processor.get("min_pixels", size.get("shortest_edge"))
+        hi = processor.get("max_pixels", size.get("longest_edge"))
+        if lo is not None and hi is not None:
+            norm["pixels"] = (int(lo), int(hi))
+    defaults = {f.name: f.default for f in dataclasses.fields(Backbone) if f.default is not dataclasses.MISSING}
+    return Backbone(
+        name=name, family="qwen2vit", vision=vision, llm_hidden_size=llm, feature_layer=-1, select_strategy="full",
+        projector_act="gelu", grid_pinpoints=(), max_grid_crops=1,
+        expert_layers=base.expert_layers if base else defaults["expert_layers"],
+        domains=base.domains if base else ("chart", "doc", "general"), processor=processor,
+        **({"image_mean": base.image_mean, "image_std": base.image_std} if base else CLIP)
+        | {"pixels": base.pixels if base else PIXELS} | norm,
+    )
+
+
+PIXELS = (56 * 56, 28 * 28 * 1280)  # transformers' Qwen2VLImageProcessor size (shortest_edge, longest_edge)
+CLIP = {"image_mean": (0.48145466, 0.4578275, 0.40821073), "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+class RowContext(nn.Module):
+    """(position_ids [P, 2], segment_ids [P]) -> what every block takes: rotary (cos, sin) [P, head_dim] as
+    transformers' Qwen2VLVisionRotaryEmbedding computes them, and the attention mask [P, P] (True: same image).
+    No parameters or buffers: the inverse frequencies are recomputed as transformers does (a graph constant)."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, position_ids, segment_ids):
+        inv_freq, scaling = Qwen2VLVisionRotaryEmbedding.compute_axial_rope_parameters(self.cfg)
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+        cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+
+        def recompose(f):  # transformers' recomposition_frequencies: [P, 2, d/4] -> [P, d]
+            hw = torch.cat([f[:, 0], f[:, 1]], dim=-1)
+            return torch.cat([hw, hw], dim=-1)
+
+        mask = segment_ids[:, None] == segment_ids[None, :]
+        return recompose(cos), recompose(sin), mask
+
+
+class _Block(Qwen2VLVisionBlock):
+    """transformers' Qwen2VLVisionBlock (same tensor names) called as block(hidden, cos, sin, mask): attention
+    over the whole call with the block-diagonal mask in place of its per-image split over cu_seqlens (which needs
+    the lengths as Python ints and cannot export with a dynamic patch axis). Same arithmetic per image."""
+
+    def forward(self, hidden, cos, sin, mask):
+        attn = self.attn
+        x = self.norm1(hidden)
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        hidden = hidden + attn.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
+        return hidden + self.mlp(self.norm2(hidden))
+
+
+class _PatchEmbed(PatchEmbed):
+    """transformers' PatchEmbed (same tensor names): flattened patches [P, C x t x p x p] -> [P, embed_dim]."""
+
+
+@dataclass(frozen=True)
+class Qwen2VitAdapter(Adapter):
+    family: str = "qwen2vit"
+    rows: str = "patches"
+    # the merger lives inside the tower's module (model.visual.merger.*): it is the projector
+    tower_prefixes: tuple = ("model.visual.", "visual.")
+    projector_prefixes: tuple = ("model.visual.merger.", "visual.merger.")
+    embeddings_prefix: str = "patch_embed."
+    layer_prefix: str = "blocks."
+    config_types: tuple = ("qwen2_vl",)
+    processor_types: tuple = ("Qwen2VLImageProcessor",)
+
+    def backbone_from_config(self, config, name, base, source, processor, processor_source):
+        return backbone_from_qwen2_vl_config(config, name, base, source, processor,
+                                             processor_source or "preprocessor_config.json")
+
+    def config(self, bb: Backbone) -> Qwen2VLVisionConfig:
+        cfg = Qwen2VLVisionConfig(**bb.vision)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    def embeddings(self, bb: Backbone) -> nn.Module:
+        v = bb.vision
+        return _PatchEmbed(v["patch_size"], v["temporal_patch_size"], v["in_channels"], v["embed_dim"])
+
+    def layer(self, bb: Backbone) -> nn.Module:
+        return _Block(self.config(bb))
+
+    def context(self, bb: Backbone) -> nn.Module:
+        return RowContext(self.config(bb))
+
+    def projector(self, bb: Backbone) -> nn.Module:
+        v = bb.vision
+        return PatchMerger(dim=bb.llm_hidden_size, context_dim=v["embed_dim"], spatial_merge_size=v["spatial_merge_size"])
+
+    def io(self, bb: Backbone) -> dict:
+        v = bb.vision
+        patch = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+        return {"pixels": (("patches", patch), "float32"),
+                "rows": (("position_ids", ("patches", 2), "int64"), ("segment_ids", ("patches",), "int64")),
+                "hidden": ("patches", bb.hidden_size), "tokens": ("merged", bb.llm_hidden_size),
+                "merge": int(v["spatial_merge_size"]) ** 2}
+
+    def example_grids(self, bb: Backbone) -> list:
+        m = int(bb.vision["spatial_merge_size"])
+        return [(1, 2 * m, m), (1, m, 3 * m)]
+
+    def row_inputs(self, bb: Backbone, grids) -> dict:
+        """The per-patch inputs of one call from its images' grids (t, h, w), in input order."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        g = torch.as_tensor(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
+        pos = get_vision_position_ids(g, int(bb.vision["spatial_merge_size"])).numpy().astype(np.int64)
+        seg = np.repeat(np.arange(len(g), dtype=np.int64), (g[:, 0] * g[:, 1] * g[:, 2]).numpy())
+        return {"position_ids": pos, "segment_ids": seg}
+
+    def image_processor(self, bb: Backbone):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        if bb.processor is not None:
+            return Qwen2VLImageProcessorPil.from_dict(dict(bb.processor))
+        v = bb.vision
+        lo, hi = bb.pixels or PIXELS
+        return Qwen2VLImageProcessorPil(size={"shortest_edge": int(lo), "longest_edge": int(hi)},
+                                        patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
+                                        merge_size=v["spatial_merge_size"], image_mean=list(bb.image_mean),
+                                        image_std=list(bb.image_std))
+
+    def pack(self, bb: Backbone, tokens, image_size, newline=None) -> np.ndarray:
+        """Qwen2-VL puts an image's merged tokens at its <|image_pad|> positions as they are: [n_patches / 4, D]."""
+        t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, np.float32)
+        return t.reshape(-1, t.shape[-1])
+
+    def mllm_crop_tokens(self, mllm, crops):
+        raise MixpertError("qwen2vit: training takes whole images (patches and grids); not supported yet")
