@@ -17,10 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) demo.py
 
+# every test but the real-scale builds (under 20 minutes on 2 cores); CI (.ci/run) runs test, then test-slow
 test: $(STAMP)
-	$(PY) -m pytest -q
-
-test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-.PHONY: install demo test test-quick
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+.PHONY: install demo test test-slow

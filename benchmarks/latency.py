@@ -58,32 +58,66 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def cases(pipe: MixpertPipeline, batch: int, crops: int, seed: int = 0) -> dict:
+def inputs(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0):
+    """(rows per image, grids or Nones, per-row inputs of the call): random crops for crop families; for patch
+    families noise images of `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if pipe.unit == "crops":
+        s = pipe.cfg.backbone.crop_size
+        return [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)], [None] * batch, {}
+    made = [pipe.preprocess.rows(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+            for w, h in (sizes[i % len(sizes)] for i in range(batch))]
+    grids = [g for _, g in made]
+    return [px for px, _ in made], grids, pipe.adapter.row_inputs(pipe.cfg.backbone, grids)
+
+
+def cases(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0) -> dict:
     """The five workloads on the same pixels, each a zero-argument callable."""
     be, cfg = pipe.backend, pipe.cfg
-    s = cfg.backbone.crop_size
-    rng = np.random.default_rng(seed)
-    per_image = [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)]
+    per_image, grids, rows = inputs(pipe, batch, crops, sizes, seed)
     pixels = np.concatenate(per_image)
-    pool = pool_matrix([crops] * batch)
+    pool = pool_matrix([len(px) for px in per_image])
+    merge = pipe.io["merge"]
+
+    def row_feeds():  # computed on every call as the pipeline does (the single encoder needs them as well)
+        if not rows:
+            return {}
+        return {k: be.from_host(v) for k, v in pipe.adapter.row_inputs(cfg.backbone, grids).items()}
+
+    def feeds():
+        return {"pixel_values": be.from_host(pixels)} | row_feeds()
 
     def items():
-        return [(ImageResult(i, "bench"), px) for i, px in enumerate(per_image)]
+        out = []
+        for i, px in enumerate(per_image):
+            res = ImageResult(i, "bench")
+            res.grid = grids[i]
+            out.append((res, px))
+        return out
 
     def single():
-        return be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(pixels)})["tokens"])
+        return be.to_host(be.infer("single_encoder", feeds())["tokens"])
 
     every = np.arange(len(pixels))
 
+    def experts(h, f, e):
+        if not rows:  # crop families: the backends' own (static, graph) expert path
+            return be.run_experts(h, [(f"expert_{e}", every)], len(every))
+        return be.run_experts(h, [(f"expert_{e}", every)], len(every), rows={k: f[k] for k in rows}, merge=merge)
+
     def dense():
-        h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        f = feeds()
+        h = be.infer("trunk", f)["hidden"]
         be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return [be.run_experts(h, [(f"expert_{e}", every)], len(every)) for e in cfg.experts]
+        return [experts(h, f, e) for e in cfg.experts]
 
     def bare():  # the backend's own expert path (graphs where it has them), no routing or grouping
-        h = be.infer("trunk", {"pixel_values": be.from_host(pixels)})["hidden"]
+        f = feeds()
+        h = be.infer("trunk", f)["hidden"]
         be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return be.run_experts(h, [(f"expert_{cfg.domains[0]}", every)], len(every))
+        return experts(h, f, cfg.domains[0])
 
     return {
         "f_bare_parts": bare,
@@ -119,8 +153,8 @@ def _timer(backend):
     return timed
 
 
-def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: int) -> dict:
-    work = cases(pipe, batch, crops)
+def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: int, sizes=()) -> dict:
+    work = cases(pipe, batch, crops, sizes)
     timed = _timer(pipe.backend)
     for _ in range(warmup):
         for fn in work.values():
@@ -131,6 +165,10 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
         for k in order:
             times[k].append(timed(work[k]))
     out = {"batch": batch, "crops": crops, "rounds": rounds, "cases": {}, "ratios": {}}
+    if pipe.unit != "crops":  # patch families: the point is the size mix; `crops` holds the call's patches
+        per_image, grids, _ = inputs(pipe, batch, crops, sizes)
+        out |= {"crops": int(sum(len(p) for p in per_image)), "sizes": [list(sizes[i % len(sizes)]) for i in range(batch)],
+                "grids": [list(g) for g in grids]}
     for k, ts in times.items():
         out["cases"][k] = {"median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)), "all_ms": ts}
     for k in RATIOS:
@@ -146,7 +184,7 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
 def markdown(report: dict) -> str:
     lines = [f"### Latency: {report['backbone']} on {report['runtime']} ({report['precision']}), {report['device']}", "",
              f"Measured {report['date']}, one process, interleaved rounds; ratios per round, median [min, max].", "",
-             "| batch x crops | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense | orchestrator b/f (ms) |",
+             f"| batch x {'patches' if report['results'] and 'grids' in report['results'][0] else 'crops'} | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense | orchestrator b/f (ms) |",
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         cell = lambda k: f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
@@ -230,8 +268,9 @@ def ensure_bundle(args) -> Path:
         from mixpert_export.bundle.sources import resolve
 
         model, source = resolve(args.backbone, random_init=True)
+        rows = None if model.cfg.backbone.pixels else max(args.batch) * max(args.crops)  # patches: the family's budget
         build_bundle(model, out, precision=args.precision, runtime="onnxruntime" if args.runtime != "tensorrt" else "tensorrt",
-                     max_crops=max(args.batch) * max(args.crops), source=source)
+                     max_crops=rows, source=source)
     return out
 
 
@@ -244,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--crops", type=int, nargs="+", default=[1])
+    ap.add_argument("--sizes", nargs="+", default=["448x448", "640x480", "336x224", "224x224"],
+                    help="patch families (qwen2-vl): image sizes WxH of the mix, cycled over the batch (--crops unused)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -261,12 +302,13 @@ def main(argv=None) -> int:
     report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
               "device": device_name(pipe.backend), "backend": pipe.backend.describe(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
-    for crops in a.crops:
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
+    for crops in (a.crops if pipe.unit == "crops" else [0]):
         for batch in a.batch:
-            if batch * crops > pipe.max_crops:
+            if pipe.unit == "crops" and batch * crops > pipe.max_crops:
                 print(f"skip {batch}x{crops}: the bundle takes {pipe.max_crops} crops a call", file=sys.stderr)
                 continue
-            r = measure(pipe, batch, crops, a.rounds, a.warmup)
+            r = measure(pipe, batch, crops, a.rounds, a.warmup, sizes)
             report["results"].append(r)
             print(f"{batch} x {crops}: a {r['cases']['a_single']['median_ms']:.1f} ms; "
                   + ", ".join(f"{k[0]}/a {v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)

@@ -279,9 +279,15 @@ class Adapter:
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
         raise NotImplementedError(f"{self.family}: no tiny MLLM for training yet")
 
-    def mllm_crop_tokens(self, mllm, crops):
-        """transformers' own tower -> feature selection -> projector for crops [N, 3, S, S] -> [N, T, D_llm]."""
+    def mllm_crop_tokens(self, mllm, crops, grids=None):
+        """transformers' own tower -> feature selection -> projector for crops [N, 3, S, S] -> [N, T, D_llm];
+        patch families: several images' patches and their grids -> [P / merge, D_llm]."""
         raise NotImplementedError
+
+    def mllm_positions(self, mllm, grids, lengths, visual):
+        """Position ids the MLLM's LLM takes for a right-padded batch of [visual tokens, text] sequences (lengths,
+        visual: per sequence), or None for its default 1D positions. Qwen2-VL: its 3D M-RoPE (get_rope_index)."""
+        return None
 
     def mllm_pack(self, mllm, tokens, image_size):
         """The MLLM's own packing of one image's crop tokens [n, T, D] (torch) -> [L, D], image_size (h, w)."""

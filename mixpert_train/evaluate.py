@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, read_checkpoint_meta
 from .data.manifest import read_manifest
 from .experts import load_language_model
-from .mllm import answer_scores, load_items, load_tokenizer, reference_crop_tokens, write_json
+from .mllm import answer_scores, item_rows, load_items, load_tokenizer, reference_crop_tokens, token_sizes, write_json
 from .model import VERSATILE, pool_matrix, route
 from .preprocess import Preprocessor
 
@@ -40,14 +40,14 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
     scores = np.zeros((n, len(cfg.domains)))
     for lo in tqdm(range(0, n, batch), desc=f"eval {split}", unit="batch", disable=not progress):
         part = items[lo:lo + batch]
-        sizes = [len(it.crops) for it in part]
-        crops = torch.cat([it.crops for it in part])
-        hidden = model.trunk(crops)
+        sizes, out = [len(it.crops) for it in part], token_sizes(part, cfg.backbone)
+        crops, rows = item_rows(part, cfg.backbone)
+        hidden = model.trunk(crops, *rows)
         scores[lo:lo + len(part)] = model.router(hidden, torch.from_numpy(pool_matrix(sizes))).numpy()
         for e in experts:
-            _, ok = answer_scores(llava, list(model.experts[e](hidden).split(sizes)), part)
+            _, ok = answer_scores(llava, list(model.experts[e](hidden, *rows).split(out)), part)
             correct[e][lo:lo + len(part)] = ok.numpy()
-        _, ok = answer_scores(llava, list(reference_crop_tokens(llava, crops).split(sizes)), part)
+        _, ok = answer_scores(llava, list(reference_crop_tokens(llava, crops, [it.grid for it in part]).split(out)), part)
         correct["joint"][lo:lo + len(part)] = ok.numpy()  # transformers' own vision path: the joint model
     domain = np.array([it.sample.domain for it in items])
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT, META, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
-from .mllm import answer_scores, batches, load_items, load_tokenizer
+from .mllm import answer_scores, batches, item_rows, load_items, load_tokenizer, token_sizes
 from .preprocess import Preprocessor
 from .staging import check_target
 from .weights import model_from_snapshot
@@ -61,7 +61,8 @@ def cache_trunk(model, items, batch: int = 32) -> list[torch.Tensor]:
     out = []
     for i in range(0, len(items), batch):
         part = items[i:i + batch]
-        out += list(model.trunk(torch.cat([it.crops for it in part])).split([len(it.crops) for it in part]))
+        x, rows = item_rows(part, model.cfg.backbone)
+        out += list(model.trunk(x, *rows).split([len(it.crops) for it in part]))
     return out
 
 
@@ -115,7 +116,8 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
                     if len(idx) == 0:  # the last micro-batch can be smaller than the world
                         continue
                     part = [items[i] for i in idx]
-                    tokens = expert(torch.cat([hidden[i] for i in idx])).split([len(it.crops) for it in part])
+                    _, rows = item_rows(part, model.cfg.backbone)
+                    tokens = expert(torch.cat([hidden[i] for i in idx]), *rows).split(token_sizes(part, model.cfg.backbone))
                     loss, correct = answer_scores(llava, list(tokens), part)
                     (loss / len(group)).backward()
                     losses.append(loss.item())

@@ -16,7 +16,8 @@ from .backbones import get_backbone
 from .data.manifest import read_manifest
 from .loop import Dist, adamw_cosine, steps_for
 from .model import MixpertConfig
-from .mllm import answer_scores, batches, build_tokenizer, load_items, reference_crop_tokens, tiny_mllm, write_json
+from .mllm import (answer_scores, batches, build_tokenizer, is_vision_parameter, load_items, reference_crop_tokens,
+                   tiny_mllm, token_sizes, write_json)
 from .preprocess import Preprocessor
 from .staging import Output, check_target, staged_dir
 
@@ -57,8 +58,8 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     llava = tiny_mllm(bb, len(tokenizer), seed=cfg.seed)
     pre = Preprocessor(bb)
     items = load_items(train, pre, tokenizer, cfg.strict, log)
-    vision = [p for n, p in llava.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
-    rest = [p for n, p in llava.named_parameters() if not ("vision_tower" in n or "multi_modal_projector" in n)]
+    vision = [p for n, p in llava.named_parameters() if is_vision_parameter(llava, n)]
+    rest = [p for n, p in llava.named_parameters() if not is_vision_parameter(llava, n)]
     total = steps_for(len(items), cfg.batch, cfg.epochs)
     opt, sched = adamw_cosine([{"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.vision_lr}], total,
                               cfg.warmup, weight_decay=cfg.weight_decay)
@@ -77,7 +78,7 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
                 sched.step()
                 continue
             crops = torch.cat([it.crops for it in part])
-            tokens = reference_crop_tokens(llava, crops).split([len(it.crops) for it in part])
+            tokens = reference_crop_tokens(llava, crops, [it.grid for it in part]).split(token_sizes(part, bb))
             loss, correct = answer_scores(llava, list(tokens), part)
             loss.backward()
             dist.sync_grads(llava.parameters())

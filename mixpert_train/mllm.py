@@ -55,10 +55,37 @@ def _adapter(mllm):
 class Item:
     """One preprocessed sample: its crops, original size, question token ids and answer token id."""
     sample: Sample
-    crops: torch.Tensor  # [n_crops, 3, S, S]
+    crops: torch.Tensor  # [n_crops, 3, S, S]; patch families: its patches [n_patches, C*t*p*p]
     size: tuple[int, int]  # (h, w) of the original image
     question: torch.Tensor  # [Lq] int64
     answer: torch.Tensor  # [La] int64, La >= 1
+    grid: tuple | None = None  # (t, h, w) in patches, for patch families
+
+
+def item_rows(items: list[Item], backbone: Backbone) -> tuple[torch.Tensor, tuple]:
+    """A batch's rows (its items' crops or patches, concatenated) and the per-row inputs every part takes with
+    them (patch families: positions and image ids, from the grids; () for crop families)."""
+    from .families import adapter_for
+
+    x = torch.cat([it.crops for it in items])
+    ad = adapter_for(backbone)
+    if ad.rows == "crops":
+        return x, ()
+    return x, tuple(torch.from_numpy(v) for v in ad.row_inputs(backbone, [it.grid for it in items]).values())
+
+
+def token_sizes(items: list[Item], backbone: Backbone) -> list[int]:
+    """Rows of tokens each item's image gives (crops; merged patches)."""
+    from .families import adapter_for
+
+    merge = adapter_for(backbone).io(backbone)["merge"] if adapter_for(backbone).rows != "crops" else 1
+    return [len(it.crops) // merge for it in items]
+
+
+def is_vision_parameter(mllm, name: str) -> bool:
+    """Whether an MLLM parameter belongs to its vision tower or projector (the family's snapshot prefixes)."""
+    ad = _adapter(mllm)
+    return name.startswith(ad.tower_prefixes + ad.projector_prefixes)
 
 
 def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool = False, log=print) -> list[Item]:
@@ -69,7 +96,7 @@ def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool
     for s in samples:
         try:
             img = load_image(s.image)
-            crops = pre.crops(img)
+            crops, grid = pre.rows(img)
         except ImageError as e:
             if strict:
                 raise MixpertError(f"{e} (run without --strict to skip bad images)") from None
@@ -80,16 +107,17 @@ def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool
         if not a:
             raise MixpertError(f"sample {s.image}: empty answer")
         items.append(Item(s, torch.from_numpy(crops), (img.size[1], img.size[0]), torch.tensor(q, dtype=torch.long),
-                          torch.tensor(a, dtype=torch.long)))
+                          torch.tensor(a, dtype=torch.long), grid))
     if skipped:
         log(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return items
 
 
-def reference_crop_tokens(mllm, crops: torch.Tensor) -> torch.Tensor:
+def reference_crop_tokens(mllm, crops: torch.Tensor, grids=None) -> torch.Tensor:
     """transformers' own vision path for crops [N, 3, S, S] -> tokens [N, T, D_llm] (the family adapter's
-    mllm_crop_tokens: tower, feature selection, projector, as the MLLM computes them)."""
-    return _adapter(mllm).mllm_crop_tokens(mllm, crops)
+    mllm_crop_tokens: tower, feature selection, projector, as the MLLM computes them). Patch families: the
+    patches of several images [P, ...] and their grids -> [P / merge, D_llm]."""
+    return _adapter(mllm).mllm_crop_tokens(mllm, crops, grids)
 
 
 def answer_scores(llava, crop_tokens: list[torch.Tensor], items: list[Item]):
@@ -109,7 +137,10 @@ def answer_scores(llava, crop_tokens: list[torch.Tensor], items: list[Item]):
     lens = torch.tensor([len(x) for x in seqs])
     x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     mask = (torch.arange(x.shape[1])[None] < lens[:, None]).long().to(dev)
-    hidden = lm(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    visual = [s0 + 1 - len(it.question) for (s0, _), it in zip(spans, items)]  # packed visual tokens first
+    pos = _adapter(llava).mllm_positions(llava, [it.grid for it in items], lens.tolist(), visual)
+    hidden = lm(inputs_embeds=x, attention_mask=mask,
+                **({"position_ids": pos.to(dev)} if pos is not None else {})).last_hidden_state
     rows = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(spans)])
     cols = torch.cat([torch.arange(s0, s0 + n) for s0, n in spans])
     logits = llava.lm_head(hidden[rows, cols])  # [sum La, vocab]

@@ -162,7 +162,7 @@ class Preprocessor:
         try:
             out = self.processor(images=[image], return_tensors="np")
         except ValueError as e:  # e.g. Qwen2-VL's "absolute aspect ratio must be smaller than 200"
-            raise ImageError(f"{image.width}x{image.height}: {str(e).splitlines()[0]}") from None
+            raise ImageError(f"{image.width}x{image.height} px: {str(e).splitlines()[0]}") from None
         px = np.asarray(out["pixel_values"], dtype=np.float32)
         px = px[0] if px.ndim == 5 else px  # anyres: [1, n, 3, S, S]; dynamic tiles (GotOcr2): [n, 3, S, S]
         if not np.isfinite(px).all():
@@ -177,7 +177,10 @@ class Preprocessor:
         """(rows, (height, width) of the decoded image, grid or None): what packing and the per-row inputs need
         besides the pixels."""
         image = load_image(src)
-        px, grid = self.rows(image)
+        try:
+            px, grid = self.rows(image)
+        except ImageError as e:
+            raise ImageError(f"{_describe(src)}: {e}") from None
         return px, (image.height, image.width), grid
 
     def describe(self) -> dict:

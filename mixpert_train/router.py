@@ -17,6 +17,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_
 from .data.manifest import read_manifest
 from .errors import MixpertError
 from .loop import adamw_cosine
+from .families import adapter_for
 from .preprocess import ImageError, Preprocessor, load_image
 from .staging import check_target
 
@@ -38,13 +39,15 @@ def pooled_features(model, samples, strict=False, log=print) -> tuple[torch.Tens
     feats, labels, skipped = [], [], 0
     for s in samples:
         try:
-            crops = torch.from_numpy(pre.crops(load_image(s.image)))
+            crops, grid = pre.rows(load_image(s.image))
         except ImageError as e:
             if strict:
                 raise MixpertError(f"{e} (run without --strict to skip bad images)") from None
             skipped += 1
             continue
-        feats.append(model.trunk(crops).mean(dim=(0, 1)))
+        rows = adapter_for(model.cfg.backbone).row_inputs(model.cfg.backbone, [grid]) if grid else {}
+        h = model.trunk(torch.from_numpy(crops), *(torch.from_numpy(v) for v in rows.values()))
+        feats.append(h.reshape(-1, h.shape[-1]).mean(dim=0))  # every token of every crop (or patch) of the image
         labels.append(model.cfg.domains.index(s.domain))
     if skipped:
         log(f"router: skipped {skipped} unreadable image(s)")

@@ -32,8 +32,27 @@ def test_entries_round_trip():
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(MixpertError, match="llava-ov-7b, tiny"):
-        get_backbone("qwen2-vl-7b")
+    with pytest.raises(MixpertError, match="internvl2-8b, llava-ov-7b, qwen2-vl-7b, tiny"):
+        get_backbone("qwen2.5-vl-7b")
+
+
+# Qwen/Qwen2-VL-7B-Instruct config.json (the fields that matter, in its original layout: the text sizes at the top
+# level, in_chans), as the model card's config lists them (no hub here to re-read it)
+QWEN2_VL_7B = {
+    "model_type": "qwen2_vl", "hidden_size": 3584, "image_token_id": 151655,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+}
+
+
+def test_qwen2_vl_7b_entry_is_what_its_config_says():
+    from mixpert_train.families.qwen2_vl import backbone_from_qwen2_vl_config
+
+    bb = get_backbone("qwen2-vl-7b")
+    from_cfg = backbone_from_qwen2_vl_config(QWEN2_VL_7B, name="qwen2-vl-7b", base=bb)
+    assert from_cfg.to_dict() == bb.to_dict()
+    assert (bb.layers_in_use, bb.hidden_size, bb.llm_hidden_size, bb.domains) == (32, 1280, 3584, ("chart", "doc", "general"))
 
 
 def test_other_tower_family_is_a_clear_error():

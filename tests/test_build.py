@@ -331,3 +331,22 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tiny_model, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@needs_trt
+def test_qwen2_vl_7b_random_init_fp16_build(tmp_path):
+    """Real scale, third family: Qwen2-VL-7B's ViT over patches (30 blocks in the trunk, 2D rotary positions and
+    the block-diagonal mask from per-patch inputs), four experts (2 blocks + patch merger into 3584), router over
+    chart / doc / general, single encoder; every engine with a profile over the patch axis (4 .. 5120)."""
+    out = tmp_path / "qwen"
+    assert main(["build", "--backbone", "qwen2-vl-7b", "--random-init", "--precision", "fp16", "--out", str(out), "--quiet"]) == 0
+    m = mf.read_manifest(out)
+    assert m["tensorrt"] and all(p["validation"]["status"] == "pass" for p in m["parts"].values())
+    assert all(o["cosine"] >= 0.999 for p in m["parts"].values() for o in p["validation"]["outputs"].values())
+    assert m["max_crops"] == 5120  # patches a call: one image at max_pixels
+    trunk = m["parts"]["trunk"]
+    assert [t["shape"] for t in trunk["onnx"]["io"]["inputs"]] == [["patches", 1176], ["patches", 2], ["patches"]]
+    assert trunk["onnx"]["io"]["outputs"][0]["shape"] == ["patches", 1280]
+    assert m["parts"]["expert_chart"]["onnx"]["io"]["outputs"][0]["shape"] == ["merged", 3584]
+    assert trunk["engine"]["profile"]["pixel_values"] == [[4, 1176], [5120, 1176], [5120, 1176]]

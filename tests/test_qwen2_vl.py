@@ -120,3 +120,336 @@ def test_refusals(qwen, tmp_path):
     with pytest.raises(MixpertError, match="qwen2_vl.*--backbone tiny-internvl") as e:
         backbone_from_snapshot(snap, "tiny-internvl")
     assert "\n" not in str(e.value)
+
+
+def test_snapshot_of_another_family_is_refused(qwen, tiny_snapshot):
+    _, snap = qwen
+    with pytest.raises(MixpertError, match=r"qwen2_vl snapshot \(qwen2vit tower\), but --backbone tiny is a siglip") as e:
+        backbone_from_snapshot(snap, "tiny")
+    assert "\n" not in str(e.value)
+    with pytest.raises(MixpertError, match=r"llava_onevision snapshot \(siglip tower\), but --backbone qwen2-vl-7b"):
+        backbone_from_snapshot(tiny_snapshot, "qwen2-vl-7b")
+
+
+def test_language_model_shards_are_never_opened(qwen, tmp_path):
+    import json
+    import shutil
+
+    _, src = qwen
+    snap = tmp_path / "s"
+    shutil.copytree(src, snap)
+    index = json.loads((snap / "model.safetensors.index.json").read_text())
+    vision = {v for k, v in index["weight_map"].items() if k.startswith(("model.visual.", "visual."))}
+    lm_only = sorted(set(index["weight_map"].values()) - vision)
+    assert lm_only
+    for shard in lm_only:
+        (snap / shard).write_bytes(b"0123456789")
+    model_from_snapshot(snap, "tiny-qwen2-vl")  # opens only the vision shards
+
+
+def test_real_scale_entry_matches_transformers():
+    """qwen2-vl-7b's ViT and merger as transformers builds them (meta device), and the Table 6 view."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from mixpert_train.model import MixpertConfig, build_model, parameter_report
+
+    bb = get_backbone("qwen2-vl-7b")
+    cfg = MixpertConfig.for_backbone(bb)
+    assert (bb.hidden_size, bb.tower_layers, bb.layers_in_use, bb.max_crops) == (1280, 32, 32, 5120)
+    assert cfg.domains == ("chart", "doc", "general") and cfg.expert_layers == 2
+    with torch.device("meta"):
+        tower = Qwen2VisionTransformerPretrainedModel(
+            __import__("transformers").Qwen2VLVisionConfig(**bb.vision))
+    n_tower = sum(p.numel() for p in tower.parameters())  # blocks + patch embedding + merger
+    r = parameter_report(cfg)
+    assert r["baseline_total"] == n_tower
+    assert r["added_experts"] == 3 * r["expert"] and r["added_activated"] == r["router"] == 1280 * 1280 + 1280 + 1280 * 3 + 3
+    m = build_model(cfg, device="meta")
+    assert sum(p.numel() for p in m.experts[VERSATILE].projector.parameters()) == sum(p.numel() for p in tower.merger.parameters())
+
+
+@pytest.fixture(scope="module", params=[0, 2, 6])
+def bundle(request, qwen, tmp_path_factory):
+    """The snapshot through `build` (resolve -> export) with k; k=2 also validates every part (torch vs ONNX)."""
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
+
+    _, snap = qwen
+    d = tmp_path_factory.mktemp(f"qbundle_k{request.param}")
+    m, src = resolve(backbone="tiny-qwen2-vl", weights=str(snap), expert_layers=request.param)
+    manifest = build_bundle(m, d, runtime="onnxruntime", source=src, with_baseline=False, progress=False,
+                            validate=request.param == 2)
+    return request.param, d, manifest
+
+
+def test_bundle_parts_have_a_patch_axis(bundle):
+    k, _, manifest = bundle
+    assert manifest["max_crops"] == 256  # the patch budget: one largest image (128 x 128 px of 8 px patches)
+    trunk, expert = manifest["parts"]["trunk"]["spec"], manifest["parts"]["expert_versatile"]["spec"]
+    assert [(t["name"], t["shape"], t["dtype"]) for t in trunk["inputs"]] == [
+        ("pixel_values", ["patches", 384], "float32"), ("position_ids", ["patches", 2], "int64"),
+        ("segment_ids", ["patches"], "int64")]
+    assert expert["outputs"][0]["shape"] == ["merged", 128]
+    assert manifest["parts"]["router"]["spec"]["inputs"][1]["shape"] == ["images", "patches"]
+    if k == 2:
+        for name, part in manifest["parts"].items():
+            v = part["validation"]
+            assert v["status"] == "pass" and next(iter(v["outputs"].values()))["max_abs"] <= 1e-4, name
+
+
+@pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
+def test_bundle_everything_versatile_equals_transformers(qwen, bundle, runtime, tol):
+    """Images of several sizes (4 to 256 patches, tiny ones resized up), calls packing several of them under the
+    patch budget, through the bundle on each runtime, packed for the LLM: equal to transformers' processor +
+    get_image_features, image by image."""
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+
+    model, snap = qwen
+    k, path, _ = bundle
+    pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
+    assert pipe.cfg.expert_layers == k and pipe.cfg.domains == ("chart", "doc", "general")
+    images = _images() + _images([(20, 20), (33, 50), (64, 16)], seed=1)
+    results = pipe(images)
+    inputs, want = reference(model, snap, images)
+    grids = inputs["image_grid_thw"].tolist()
+    assert pipe.stats.launches["trunk"] < len(images)  # small images share a call
+    for im, g, r, w in zip(images, grids, results, want):
+        assert r.ok and r.expert == VERSATILE and r.crops == int(np.prod(g)) and list(r.grid) == g, (im.size, r.error)
+        assert r.tokens.shape == w.shape and np.abs(r.tokens - w).max() <= tol
+        assert np.abs(r.embeddings - w).max() <= tol
+
+
+def _expert_reference(model, mix, expert):
+    """transformers' model with `expert`'s blocks and merger in its tower: what that expert's tokens must be."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    vis, k, e = ref.model.visual, mix.cfg.expert_layers, mix.experts[expert]
+    L = len(vis.blocks)
+    with torch.no_grad():
+        for i, layer in enumerate(e.layers):
+            vis.blocks[L - k + i].load_state_dict(layer.state_dict())
+        vis.merger.load_state_dict(e.projector.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
+def test_mixed_call_each_image_gets_its_own_experts_tokens(qwen, tmp_path_factory, runtime, tol):
+    """Experts whose weights differ, one call holding images of different sizes routed to different experts:
+    each expert runs once on its group of patches (positions and image ids gathered with them) and every image
+    equals transformers' model with that expert in its tower. Fails if rows, positions or groups are mixed up."""
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+    from mixpert_train.preprocess import Preprocessor
+
+    model, snap = qwen
+    mix = model_from_snapshot(snap, "tiny-qwen2-vl", expert_layers=2)
+    with torch.no_grad():
+        for i, d in enumerate(mix.cfg.domains):
+            for p in mix.experts[d].parameters():
+                p.add_(0.02 * (i + 1) * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("mixed") / "b"
+    if not path.exists():
+        build_bundle(mix, path, runtime="onnxruntime", with_baseline=False, progress=False, validate=False)
+    pipe = MixpertPipeline.from_engines(path, runtime=runtime, model=mix)
+    images = _images()[:5]
+    experts = ["doc", "versatile", "chart", "doc", "general"]
+    pre = Preprocessor(pipe.cfg.backbone)
+    from mixpert_export.runtime.pipeline import ImageResult
+
+    batch = []
+    for i, im in enumerate(images):
+        res = ImageResult(i, f"im{i}")
+        px, res.image_size, res.grid = pre.prepare(im)
+        batch.append((res, px))
+    pipe.run_crops(batch, experts=experts)
+    assert {k: v for k, v in pipe.stats.launches.items() if k.startswith("expert_")} == {
+        "expert_doc": 1, "expert_versatile": 1, "expert_chart": 1, "expert_general": 1}
+    for (res, _), im, e in zip(batch, images, experts):
+        _, want = reference(_expert_reference(model, mix, e), snap, [im])
+        assert np.abs(res.tokens - want[0]).max() <= tol, (e, im.size)
+    _, other = reference(model, snap, [images[0]])  # the versatile answer for image 0 differs from doc's
+    assert np.abs(batch[0][0].tokens - other[0]).max() > 100 * tol
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_run_cli_bad_inputs_are_one_line_each(qwen, bundle, tmp_path):
+    import json
+
+    from mixpert_export.__main__ import main
+
+    _, path, _ = bundle
+    ims = []
+    for i, im in enumerate(_images()[:3]):
+        ims.append(tmp_path / f"{i}.png")
+        im.save(ims[-1])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    Image.new("RGB", (1, 300)).save(tmp_path / "thin.png")  # aspect 300: Qwen2-VL's processor refuses it
+    out = tmp_path / "out.json"
+    rc = main(["run", "--engines", str(path), *map(str, ims), str(tmp_path / "bad.png"), str(tmp_path / "thin.png"),
+               "--packed", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert rc == 1 and len(rows) == 5  # 1: some image failed; the others are answered
+    from transformers import AutoImageProcessor
+
+    grids = AutoImageProcessor.from_pretrained(qwen[1])(images=_images()[:3], return_tensors="np")["image_grid_thw"]
+    assert [r["grid"] for r in rows[:3]] == grids.tolist()
+    assert [r["embeddings_shape"] for r in rows[:3]] == [[int(np.prod(g)) // 4, 128] for g in grids]
+    for r in rows[3:]:
+        assert "error" in r and "\n" not in r["error"]
+    assert rows[4]["error"].startswith(str(tmp_path / "thin.png")) and "aspect ratio" in rows[4]["error"]
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_serve_and_triton_repository(qwen, bundle, tmp_path):
+    """`serve` (a real Triton server through PyTriton) answers each image its own number of tokens, equal to
+    transformers'; the model repository declares the patch axis and never lets Triton batch the parts (requests
+    concatenated along patches would share image ids)."""
+    pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'mixpert-deploy[serve]'")
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from triton_load import ServeProcess
+
+    from mixpert_export.serving.client import MixpertClient
+    from mixpert_export.serving.triton_repo import read_config, write_repository
+
+    model, snap = qwen
+    _, path, _ = bundle
+    repo = write_repository(path, tmp_path / "repo", platform="python", kind="cpu")
+    top = read_config(repo / "mixpert" / "config.pbtxt")
+    assert [list(o.dims) for o in top.output if o.name == "tokens"] == [[-1, 128]]  # merged patches x D_llm
+    for part in ("trunk", "expert_versatile", "router"):
+        cfg = read_config(repo / f"mixpert_{part}" / "config.pbtxt")
+        assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching"), part
+    trunk = read_config(repo / "mixpert_trunk" / "config.pbtxt")
+    assert [(i.name, list(i.dims)) for i in trunk.input] == [
+        ("pixel_values", [-1, 384]), ("position_ids", [-1, 2]), ("segment_ids", [-1])]
+    images = _images()[1:4]
+    _, want = reference(model, snap, images)
+    with ServeProcess(path, log=tmp_path / "serve.log", extra=["--tau", "1.01"]) as server:
+        client = MixpertClient(server.url)
+        for im, w in zip(images, want):
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            got = client.infer(buf.getvalue())
+            assert got.expert == VERSATILE and got.tokens.shape == w.shape
+            assert np.abs(got.tokens - w).max() <= 1e-4
+        with pytest.raises(MixpertError, match="not an image"):
+            client.infer(b"GIF89a not really")
+        client.close()
+
+
+def test_training_stages_on_a_tiny_qwen2_vl(tmp_path):
+    """joint SFT of a tiny Qwen2-VL (whole images of their own sizes, patches and grids) -> disentangled experts
+    (trunk and LM frozen) -> router over the image's patches -> eval on the family's domain set; routed to versatile
+    everywhere the split answers exactly as transformers' joint model."""
+    import json
+
+    from mixpert_train.checkpoint import load_checkpoint
+    from mixpert_train.data.synthetic import generate
+    from mixpert_train.evaluate import evaluate
+    from mixpert_train.experts import ExpertConfig, run_experts
+    from mixpert_train.joint import JointConfig, run_joint
+    from mixpert_train.router import RouterConfig, run_router
+
+    data = tmp_path / "data"
+    generate(data, n_per_domain=10, seed=3, progress=False, domains=("chart", "doc", "general"))
+    joint = run_joint(data, tmp_path / "joint", JointConfig("tiny-qwen2-vl", epochs=1, batch=8), progress=False)
+    assert json.loads((joint / "config.json").read_text())["model_type"] == "qwen2_vl"
+    assert backbone_from_snapshot(joint).family == "qwen2vit"
+    base = model_from_snapshot(joint, "tiny-qwen2-vl")
+    experts = run_experts(data, joint, tmp_path / "experts",
+                          ExpertConfig(epochs=1, batch=8, micro_batch=4, lr_projector=1e-3, lr_vision=1e-3), progress=False)
+    tuned = load_checkpoint(experts)
+    assert tuned.cfg.domains == ("chart", "doc", "general")
+    for k, v in tuned.state_dict().items():
+        if k.startswith(("trunk.", "experts.versatile.")):
+            assert torch.equal(v, base.state_dict()[k]), k  # frozen: bit-identical to the joint snapshot
+    for d in tuned.cfg.domains:  # every domain expert moved, its blocks and its merger
+        assert not torch.equal(tuned.experts[d].projector.mlp[2].weight, base.experts[VERSATILE].projector.mlp[2].weight)
+        assert not torch.equal(tuned.experts[d].layers[0].attn.qkv.weight, base.experts[VERSATILE].layers[0].attn.qkv.weight)
+    final = run_router(data, experts, tmp_path / "final", RouterConfig(epochs=5, batch=8, lr=2e-3), progress=False)
+    assert load_checkpoint(final).router.fc2.out_features == 3
+    rep = evaluate(data, final, progress=False)
+    acc = rep["accuracy"]
+    assert acc["versatile everywhere"]["to_versatile"] == 1.0
+    for d in ("chart", "doc", "general", "all"):
+        assert acc["versatile everywhere"][d] == acc["joint"][d]
+
+
+def test_training_scores_use_the_models_own_mrope_positions(qwen):
+    """The training side's teacher-forced loss for [image tokens, question, answer] equals transformers' own
+    Qwen2VLForConditionalGeneration forward on input_ids with the image placeholders (3D M-RoPE positions from the
+    grid), so what the stages train and evaluate is the MLLM's real arithmetic."""
+    import torch.nn.functional as F
+
+    from mixpert_train.data.manifest import Sample
+    from mixpert_train.mllm import Item, answer_scores, reference_crop_tokens
+    from mixpert_train.preprocess import Preprocessor
+
+    model, snap = qwen
+    bb = backbone_from_snapshot(snap, "tiny-qwen2-vl")
+    pre = Preprocessor(bb)
+    items = []
+    for i, im in enumerate(_images()[1:4]):
+        px, grid = pre.rows(im)
+        items.append(Item(Sample(f"{i}.png", "q", "a", "chart"), torch.from_numpy(px), (im.height, im.width),
+                          torch.tensor([11, 12, 13 + i]), torch.tensor([40 + i, 50]), grid))
+    with torch.no_grad():
+        tokens = reference_crop_tokens(model, torch.cat([it.crops for it in items]), [it.grid for it in items])
+        sizes = [len(it.crops) // 4 for it in items]
+        loss, _ = answer_scores(model, list(tokens.split(sizes)), items)
+        want = []
+        for it, n in zip(items, sizes):
+            ids = torch.cat([torch.full((n,), model.config.image_token_id), it.question, it.answer[:-1]])[None]
+            types = (ids == model.config.image_token_id).int()  # what Qwen2VLProcessor returns beside input_ids
+            out = model(input_ids=ids, pixel_values=it.crops, image_grid_thw=torch.tensor([it.grid]), mm_token_type_ids=types)
+            logits = out.logits[0, n + len(it.question) - 1:]
+            want.append(F.cross_entropy(logits, it.answer, reduction="sum"))
+        want = torch.stack(want).sum() / sum(len(it.answer) for it in items)
+    assert abs(loss.item() - want.item()) <= 1e-5, (loss.item(), want.item())
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_static_bucketed_path_over_patches_equals_dynamic_on_cpu(qwen, bundle):
+    """The GPU fast path's logic over patches, run eagerly on CPU (torch) and through ONNX Runtime's bound static
+    path: patch buckets (calls padded inside a bucket with the padding image id), a mixed call's expert groups
+    gathered with their positions and image ids and scattered as merged rows: equal to the dynamic path."""
+    from mixpert_export.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from mixpert_export.runtime.backends.torch import TorchBackend
+    from mixpert_export.runtime.cuda_graphs import crop_buckets
+    from mixpert_export.runtime.pipeline import ImageResult, MixpertPipeline
+    from mixpert_train.preprocess import Preprocessor
+
+    _, path, manifest = bundle
+    plain = MixpertPipeline.from_engines(path, runtime="onnxruntime")
+    statics = [MixpertPipeline(TorchBackend("cpu", static=True).load(path, manifest), manifest),
+               MixpertPipeline(OnnxRuntimeBackend("cpu", static=True).load(path, manifest), manifest)]
+    for s in statics:
+        assert s.backend.describe()["static"] and s.backend.static.buckets == crop_buckets(256, (16, 64, 256))
+    pre = Preprocessor(plain.cfg.backbone)
+    images = _images([(64, 64), (9, 5), (100, 40), (40, 60)])  # 152 patches: inside the 256 bucket
+    experts = ["doc", "versatile", "doc", "general"]
+
+    def call(pipe):
+        batch = []
+        for i, im in enumerate(images):
+            res = ImageResult(i, f"im{i}")
+            px, res.image_size, res.grid = pre.prepare(im)
+            res.crops = len(px)
+            batch.append((res, px))
+        pipe.run_crops(batch, experts=experts)
+        return [r for r, _ in batch]
+
+    want = call(plain)
+    assert sum(r.crops for r in want) == 152 and 152 not in crop_buckets(256, (16, 64, 256))  # padded in its bucket
+    for s in statics:
+        for _ in range(2):  # the second call reuses the bucket's buffers (and on a GPU, its graphs)
+            for a, b in zip(call(s), want):
+                assert a.expert == b.expert and a.tokens.shape == b.tokens.shape
+                np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-5, rtol=0)
+        one = s([images[1]])[0]  # a 4-patch image alone: the 16 bucket, 12 padded rows
+        np.testing.assert_allclose(one.tokens, plain([images[1]])[0].tokens, atol=1e-5, rtol=0)

@@ -160,7 +160,7 @@ def _by_signature(module: nn.Module, dynamic: tuple) -> tuple:
     if not params or params[-1].kind is not inspect.Parameter.VAR_POSITIONAL:
         return dynamic
     n = len(params) - 1
-    return tuple(dynamic[:n]) + (tuple(dynamic[n:]),)
+    return tuple(dynamic[:n]) + ((tuple(dynamic[n:]),) if len(dynamic) > n else ())
 
 
 def _quiet():

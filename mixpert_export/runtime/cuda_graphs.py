@@ -10,6 +10,11 @@ Layout (N = the call's crops, b = its bucket, M = max crops a call):
                                                          src point at row 0, padded dst at the dump row M)
 Only the per-group index vectors go host -> device, and only the scores and tokens[:N] come back.
 
+Patch families (rows=...: Qwen2-VL, a variable number of patches an image, per-row position and image-id inputs)
+use the same layout over patches: buckets of patches (multiples of the merge window), one extra row M holding
+zeros and the padding image id -1 (so padded rows attend only to each other, never into an image), gathers
+padded with M, and experts scattering their merged rows (idx[::merge] / merge) with the dump row M / merge.
+
 Experts' graphs each get their own memory pool, so groups of different experts can replay concurrently on
 separate streams (graphs that share a pool may share intermediates and must not overlap). With graphs=False
 the same buffers and functions run eagerly: the CPU tests check the bucketing, padding, gathers and scatters
@@ -28,6 +33,11 @@ from mixpert_train.errors import MixpertError
 # 1 and 10 crops (a plain image; one anyres image) are common sizes; then about 1.25-1.5x apart, so padding
 # wastes at most a third of a call
 DEFAULT_BUCKETS = (1, 2, 4, 8, 10, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512)
+
+
+# patches a call (Qwen2-VL: 256 = a 224 px square, 1024 = 448 px, 5120 = max_pixels): about 1.5x apart
+DEFAULT_PATCH_BUCKETS = (16, 64, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+PAD_SEGMENT = -1  # the image id of padded rows: attention keeps them to themselves
 
 
 def crop_buckets(max_crops: int, base: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
@@ -91,24 +101,39 @@ class StaticRunner:
 
 
 class StaticParts:
-    """The trunk, router and experts of one bundle over preallocated buffers, bucketed by crops."""
+    """The trunk, router and experts of one bundle over preallocated buffers, bucketed by crops (or patches).
+
+    rows: patch families' per-row inputs, name -> (trailing shape, torch dtype), in the parts' input order (the
+    row-id input is "segment_ids"); merge: input rows an expert's output row takes."""
 
     def __init__(self, modules: dict, max_crops: int, pixel_shape: tuple, hidden_shape: tuple, token_shape: tuple,
                  dtype: torch.dtype, device, graphs: bool, buckets: Sequence[int] | None = None,
-                 streams: int = 1):
+                 streams: int = 1, rows: dict | None = None, merge: int = 1):
         self.modules, self.graphs, self.device = modules, graphs, torch.device(device)
         self.max_crops = int(max_crops)
-        self.buckets = crop_buckets(self.max_crops, buckets or DEFAULT_BUCKETS)
+        self.merge, self.row_specs = int(merge), dict(rows or {})
+        if self.row_specs:
+            base = [b for b in (buckets or DEFAULT_PATCH_BUCKETS) if b % self.merge == 0]
+            self.buckets = crop_buckets(self.max_crops, base)
+        else:
+            self.buckets = crop_buckets(self.max_crops, buckets or DEFAULT_BUCKETS)
         z = dict(device=self.device)
-        self.hidden = torch.zeros((self.max_crops,) + tuple(hidden_shape), dtype=dtype, **z)
-        self.tokens = torch.zeros((self.max_crops + 1,) + tuple(token_shape), dtype=dtype, **z)  # last row: dump
-        self.pixels = torch.zeros((self.max_crops,) + tuple(pixel_shape), dtype=torch.float32, **z)  # [:b] per bucket
-        self.pool = {b: torch.zeros((b, b), dtype=torch.float32, **z) for b in self.buckets}
+        M, pad = self.max_crops, 1 if self.row_specs else 0  # patch families: row M is the padding row
+        self.hidden = torch.zeros((M + pad,) + tuple(hidden_shape), dtype=dtype, **z)
+        self.tokens = torch.zeros((M // self.merge + 1,) + tuple(token_shape), dtype=dtype, **z)  # last row: dump
+        self.pixels = torch.zeros((M,) + tuple(pixel_shape), dtype=torch.float32, **z)  # [:b] per bucket
+        self.rows = {}
+        for name, (shape, dt) in self.row_specs.items():
+            self.rows[name] = torch.zeros((M + 1,) + tuple(shape), dtype=dt, **z)
+        if "segment_ids" in self.rows:
+            self.rows["segment_ids"][M] = PAD_SEGMENT
+        self.pool: dict[tuple, torch.Tensor] = {} if self.row_specs else {
+            (b, b): torch.zeros((b, b), dtype=torch.float32, **z) for b in self.buckets}
         self.runners: dict[tuple, StaticRunner] = {}
         self.mem_pools: dict[str, object] = {}
         self.n_streams = max(1, int(streams)) if graphs else 1
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(self.n_streams)] if self.n_streams > 1 else []
-        self.index_bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.index_bufs: dict[tuple, tuple] = {}
         self.captures = 0
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -137,26 +162,40 @@ class StaticParts:
         return n
 
     # ------------------------------------------------------------------------------------------ parts
-    def _stage_pixels(self, pixels: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    def _stage_pixels(self, pixels: torch.Tensor, rows=()) -> tuple[int, int, torch.Tensor]:
         n = len(pixels)
         b = bucket_of(n, self.buckets)
         buf = self.pixels[:b]  # a contiguous view: the same address for every call of bucket b
         buf[:n].copy_(pixels)
         if n < b:
             buf[n:].zero_()
+        self._stage_rows(rows, n, b)
         return n, b, buf
 
-    def single(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _stage_rows(self, rows, n: int, b: int | None = None):
+        """Per-row inputs into their buffers; rows n:b (a bucket's padding) get the padding row's values."""
+        for (name, buf), x in zip(self.rows.items(), rows):
+            buf[:n].copy_(x)
+            if b is not None and n < b:
+                buf[n:b].copy_(buf[self.max_crops].expand_as(buf[n:b]))
+
+    def _row_views(self, b: int) -> list[torch.Tensor]:
+        return [buf[:b] for buf in self.rows.values()]
+
+    def single(self, pixels: torch.Tensor, *rows) -> torch.Tensor:
         """The unsplit single encoder (the benchmarks' baseline) through the same buckets and graphs."""
-        n, b, buf = self._stage_pixels(pixels)
-        return self._runner(("single_encoder", b), lambda buf=buf: self.modules["single_encoder"](buf),
-                            "single_encoder").run()[:n]
+        n, b, buf = self._stage_pixels(pixels, rows)
+        views = self._row_views(b)
+        out = self._runner(("single_encoder", b), lambda buf=buf, views=views: self.modules["single_encoder"](buf, *views),
+                           "single_encoder").run()
+        return out[:n // self.merge]
 
-    def trunk(self, pixels: torch.Tensor) -> torch.Tensor:
-        n, b, buf = self._stage_pixels(pixels)
+    def trunk(self, pixels: torch.Tensor, *rows) -> torch.Tensor:
+        n, b, buf = self._stage_pixels(pixels, rows)
+        views = self._row_views(b)
 
-        def fn(b=b, buf=buf):
-            self.hidden[:b].copy_(self.modules["trunk"](buf))
+        def fn(b=b, buf=buf, views=views):
+            self.hidden[:b].copy_(self.modules["trunk"](buf, *views))
             return self.hidden
 
         self._runner(("trunk", b), fn, "trunk_router").run()
@@ -165,39 +204,55 @@ class StaticParts:
     def router(self, hidden: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         n = self.stage_hidden(hidden)
         images = pool.shape[0]
-        b = bucket_of(max(n, images), self.buckets)
-        pbuf = self.pool[b]
+        if self.row_specs:  # patches: [image bucket, patch bucket], images far fewer than patches
+            b = bucket_of(n, self.buckets)
+            key = (bucket_of(images, crop_buckets(self.max_crops)), b)
+        else:
+            b = bucket_of(max(n, images), self.buckets)
+            key = (b, b)
+        pbuf = self.pool.get(key)
+        if pbuf is None:
+            pbuf = self.pool[key] = torch.zeros(key, dtype=torch.float32, device=self.device)
         pbuf.zero_()
         pbuf[:images, :n].copy_(pool)
 
         def fn(b=b, pbuf=pbuf):
             return self.modules["router"](self.hidden[:b], pbuf)
 
-        return self._runner(("router", b), fn, "trunk_router").run()[:images]
+        return self._runner(("router",) + key, fn, "trunk_router").run()[:images]
 
-    def _index(self, part: str, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Static gather / scatter indices and the gathered rows of one expert's group bucket: fixed addresses,
-        so a graph (torch's, or ONNX Runtime's own) replays on them."""
+    def _index(self, part: str, g: int) -> tuple:
+        """Static gather / scatter indices, the gathered rows and per-row inputs of one expert's group bucket:
+        fixed addresses, so a graph (torch's, or ONNX Runtime's own) replays on them."""
         key = (part, g)
         if key not in self.index_bufs:
             z = dict(dtype=torch.int64, device=self.device)
             rows = torch.zeros((g,) + tuple(self.hidden.shape[1:]), dtype=self.hidden.dtype, device=self.device)
-            self.index_bufs[key] = (torch.zeros(g, **z), torch.full((g,), self.max_crops, **z), rows)
+            extra = [torch.zeros((g,) + tuple(buf.shape[1:]), dtype=buf.dtype, device=self.device) for buf in self.rows.values()]
+            out = g // self.merge
+            self.index_bufs[key] = (torch.zeros(g, **z), torch.full((out,), self.max_crops // self.merge, **z), rows, extra)
         return self.index_bufs[key]
 
-    def experts(self, hidden: torch.Tensor, groups: Sequence[tuple[str, np.ndarray]]) -> torch.Tensor:
-        """Every (part, crop indices) group through its expert; tokens[:N] in crop order, on the device."""
+    def experts(self, hidden: torch.Tensor, groups: Sequence[tuple[str, np.ndarray]], rows=()) -> torch.Tensor:
+        """Every (part, row indices) group through its expert; tokens[:N / merge] in row order, on the device.
+        rows: the call's per-row inputs (patch families), staged again in case the trunk ran elsewhere."""
         n = self.stage_hidden(hidden)
+        if rows:
+            self._stage_rows(rows, n)
+        pad_row = self.max_crops if self.row_specs else 0  # crops: padded gathers read row 0 (crops are independent)
         plan = []
         for part, idx in groups:
             g = bucket_of(len(idx), self.buckets)
-            src, dst, rows = self._index(part, g)
-            src.copy_(torch.from_numpy(padded_index(idx, g, 0)))  # padded gathers read row 0
-            dst.copy_(torch.from_numpy(padded_index(idx, g, self.max_crops)))  # padded scatters hit the dump row
+            src, dst, grows, extra = self._index(part, g)
+            src.copy_(torch.from_numpy(padded_index(idx, g, pad_row)))
+            out_idx = idx[::self.merge] // self.merge  # an image's rows are whole merge windows
+            dst.copy_(torch.from_numpy(padded_index(out_idx, g // self.merge, self.max_crops // self.merge)))
 
-            def fn(part=part, src=src, dst=dst, rows=rows):
-                torch.index_select(self.hidden, 0, src, out=rows)
-                return self.tokens.index_copy_(0, dst, self.modules[part](rows))
+            def fn(part=part, src=src, dst=dst, grows=grows, extra=extra):
+                torch.index_select(self.hidden, 0, src, out=grows)
+                for buf, out in zip(self.rows.values(), extra):
+                    torch.index_select(buf, 0, src, out=out)
+                return self.tokens.index_copy_(0, dst, self.modules[part](grows, *extra))
 
             plan.append(self._runner((part, g), fn, part))  # one pool per expert: groups may overlap in time
         if self.streams:
@@ -212,4 +267,4 @@ class StaticParts:
         else:
             for runner in plan:
                 runner.run()
-        return self.tokens[:n]
+        return self.tokens[:n // self.merge]

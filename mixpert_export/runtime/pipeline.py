@@ -63,7 +63,7 @@ class PipelineStats:
 class MixpertPipeline:
     def __init__(self, backend, manifest: dict, strategy: str | None = None, tau: float | None = None,
                  lam: float | None = None, per_crop: bool = False, preprocess_device: str | None = None,
-                 packing: dict | None = None):
+                 packing: dict | None = None, call_rows: int | None = None):
         self.backend = backend
         self.manifest = manifest
         self.cfg = mf.bundle_config(manifest)
@@ -71,7 +71,11 @@ class MixpertPipeline:
         self.tau = self.cfg.tau if tau is None else tau
         self.lam = self.cfg.lam if lam is None else lam
         self.per_crop = per_crop
-        self.max_crops = int(manifest["max_crops"])  # rows a call: crops, or patches (the patch budget)
+        self.max_crops = int(manifest["max_crops"])  # rows a call at most: crops, or patches (the patch budget)
+        # rows map() puts in one call (<= max_crops): consecutive images share a call while they fit. Patch families
+        # attend over the whole call (a block-diagonal mask), so a smaller budget trades batching for attention work
+        # (benchmarks/attention_form.py); an image above it runs alone.
+        self.call_rows = min(int(call_rows), self.max_crops) if call_rows else self.max_crops
         self.adapter = adapter_for(self.cfg.backbone)
         self.io = self.adapter.io(self.cfg.backbone)
         self.unit = self.adapter.rows
@@ -117,7 +121,7 @@ class MixpertPipeline:
         for res, px in self._prepared(images, workers, prefetch):
             waiting.append(res)
             if px is not None:
-                if batch and n + len(px) > self.max_crops:
+                if batch and n + len(px) > self.call_rows:
                     self.run_crops(batch)
                     batch, n = [], 0
                 batch.append((res, px))
@@ -223,4 +227,4 @@ class MixpertPipeline:
     def describe(self) -> dict:
         return {"backend": self.backend.describe(), "preprocess": self.preprocess.describe(), "strategy": self.strategy,
                 "tau": self.tau, "lam": self.lam,
-                "per_crop": self.per_crop, "max_crops": self.max_crops}
+                "per_crop": self.per_crop, "max_crops": self.max_crops, "call_rows": self.call_rows}

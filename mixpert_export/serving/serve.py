@@ -51,7 +51,8 @@ class PipelineCallable:
         bb = pipeline.cfg.backbone
         self.packed = pipeline.packing is not None
         self.out = "embeddings" if self.packed else "tokens"
-        self.token_shape = (bb.llm_hidden_size,) if self.packed else (bb.tokens_per_crop, bb.llm_hidden_size)
+        # a row's shape: an embedding [D]; tokens per crop [T, D] (patch families: a merged token [D])
+        self.token_shape = (bb.llm_hidden_size,) if self.packed else token_dims(pipeline)
         self.n_domains = len(pipeline.cfg.domains)
 
     def _error(self, msg: str, n: int = 1) -> dict:
@@ -86,13 +87,18 @@ class PipelineCallable:
         return responses
 
 
+def token_dims(pipeline) -> tuple:
+    """The tokens output's dims after the leading (crops, or merged patches) one: [T, D] or [D]."""
+    return tuple(int(d) for d in pipeline.io["tokens"][1:])
+
+
 def model_tensors(pipeline):
     from pytriton.model_config import Tensor
 
     bb = pipeline.cfg.backbone
     inputs = [Tensor(name=INPUT, dtype=bytes, shape=(1,))]
     first = (Tensor(name="embeddings", dtype=np.float32, shape=(-1, bb.llm_hidden_size)) if pipeline.packing is not None
-             else Tensor(name="tokens", dtype=np.float32, shape=(-1, bb.tokens_per_crop, bb.llm_hidden_size)))
+             else Tensor(name="tokens", dtype=np.float32, shape=(-1,) + token_dims(pipeline)))
     outputs = [first,
                Tensor(name="expert", dtype=bytes, shape=(1,)),
                Tensor(name="scores", dtype=np.float32, shape=(len(pipeline.cfg.domains),)),

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
 from mixpert_train.staging import Output, staged_dir
 
 from mixpert_export.bundle import manifest as mf
@@ -28,8 +29,10 @@ REPOSITORY = Output("Triton model repository", f"{MODEL}/1/{mf.NAME}", mf.FORMAT
 PLATFORMS = ("auto", "tensorrt_plan", "onnxruntime_onnx", "python")
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
           "int32": "TYPE_INT32", "int64": "TYPE_INT64", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
-# parts whose every input and output has crops first: Triton may batch them along that axis
-_BATCHED = lambda part: part == "trunk" or part.startswith("expert_")  # noqa: E731
+# parts whose every input and output has crops first: Triton may batch them along that axis. Not patch families:
+# requests concatenated along patches would share image ids (one attention segment) and an expert's output axis
+# (merged patches) is not its input's.
+_BATCHED = lambda part, rows="crops": rows == "crops" and (part == "trunk" or part.startswith("expert_"))  # noqa: E731
 
 
 def part_model_name(part: str) -> str:
@@ -69,10 +72,11 @@ def _tensor(pb, spec: dict, batched: bool):
     return dict(name=spec["name"], data_type=getattr(pb, dtype), dims=shape[1:] if batched else shape)
 
 
-def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str, instances: int, max_crops: int):
+def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str, instances: int, max_crops: int,
+                rows: str = "crops"):
     """ModelConfig of one part. entry: the manifest part; io from the file Triton will load."""
     io = (entry["engine"] if platform == "tensorrt_plan" else entry["onnx"])["io"]
-    batched = _BATCHED(part)
+    batched = _BATCHED(part, rows)
     cfg = pb.ModelConfig(name=name, max_batch_size=max_crops if batched else 0)
     if platform == "python":
         cfg.backend = "python"
@@ -95,7 +99,8 @@ def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int):
     bb, n = cfg_model.backbone, len(cfg_model.domains)
     cfg = pb.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch_size)
     cfg.input.add(name=INPUT, data_type=pb.TYPE_STRING, dims=[1])
-    for name, dtype, dims in (("tokens", pb.TYPE_FP32, [-1, bb.tokens_per_crop, bb.llm_hidden_size]),
+    tokens = [-1] + [int(d) for d in adapter_for(bb).io(bb)["tokens"][1:]]  # [crops, T, D] or [merged, D]
+    for name, dtype, dims in (("tokens", pb.TYPE_FP32, tokens),
                               ("expert", pb.TYPE_STRING, [1]), ("scores", pb.TYPE_FP32, [n]),
                               ("crops", pb.TYPE_INT32, [1]), ("error", pb.TYPE_STRING, [1])):
         cfg.output.add(name=name, data_type=dtype, dims=dims)
@@ -121,13 +126,14 @@ def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto"
     if unknown:
         raise MixpertError(f"--expert-instances: no expert named {', '.join(sorted(unknown))} in {bundle}")
     here = Path(__file__).parent
+    rows = adapter_for(mf.bundle_config(manifest).backbone).rows
     with staged_dir(out, REPOSITORY, sources={"--engines": bundle}) as tmp:
         for part, entry in manifest["parts"].items():
             if part == "single_encoder":  # the baseline is for benchmarks, not for serving
                 continue
             name = part_model_name(part)
             n = expert_instances.get(part[len("expert_"):], instances) if part.startswith("expert_") else instances
-            mcfg = part_config(pb, name, part, entry, platform, kind, n, int(manifest["max_crops"]))
+            mcfg = part_config(pb, name, part, entry, platform, kind, n, int(manifest["max_crops"]), rows)
             version = tmp / name / "1"
             version.mkdir(parents=True)
             if platform == "tensorrt_plan":

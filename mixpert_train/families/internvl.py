@@ -248,7 +248,7 @@ class InternVitAdapter(Adapter):
             emb.cls_token.normal_(0, 0.02)
         return model
 
-    def mllm_crop_tokens(self, mllm, crops):
+    def mllm_crop_tokens(self, mllm, crops, grids=None):
         return mllm.model.get_image_features(pixel_values=crops).pooler_output
 
     def mllm_pack(self, mllm, tokens, image_size):

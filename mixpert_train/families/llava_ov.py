@@ -145,7 +145,7 @@ class SiglipAdapter(Adapter):
         )
         return LlavaOnevisionForConditionalGeneration(cfg)
 
-    def mllm_crop_tokens(self, mllm, crops):
+    def mllm_crop_tokens(self, mllm, crops, grids=None):
         cfg = mllm.config
         hs = mllm.model.vision_tower(crops, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
         if cfg.vision_feature_select_strategy == "default":

@@ -200,5 +200,41 @@ class Qwen2VitAdapter(Adapter):
         t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, np.float32)
         return t.reshape(-1, t.shape[-1])
 
-    def mllm_crop_tokens(self, mllm, crops):
-        raise MixpertError("qwen2vit: training takes whole images (patches and grids); not supported yet")
+    def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
+        """A tiny Qwen2-VL: the backbone's ViT + merger and a 2-layer language model with M-RoPE."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        heads = 4
+        half = bb.llm_hidden_size // heads // 2  # M-RoPE sections (t, h, w) split half the head dim
+        cfg = Qwen2VLConfig(
+            vision_config=dict(bb.vision, model_type="qwen2_vl_vision"),
+            text_config=dict(model_type="qwen2_vl_text", hidden_size=bb.llm_hidden_size,
+                             intermediate_size=2 * bb.llm_hidden_size, num_hidden_layers=2, num_attention_heads=heads,
+                             num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
+                             tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
+            image_token_id=image_token_id, video_token_id=image_token_id, vision_start_token_id=image_token_id,
+        )
+        return Qwen2VLForConditionalGeneration(cfg)
+
+    def mllm_crop_tokens(self, mllm, crops, grids=None):
+        if grids is None:
+            raise MixpertError("qwen2vit: the MLLM's vision path needs each image's grid")
+        g = torch.as_tensor(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
+        return torch.cat(mllm.model.get_image_features(pixel_values=crops, image_grid_thw=g).pooler_output)
+
+    def mllm_pack(self, mllm, tokens, image_size):
+        return tokens.reshape(-1, tokens.shape[-1])
+
+    def mllm_positions(self, mllm, grids, lengths, visual):
+        """The model's own M-RoPE positions: image tokens by their (t, h, w) in the merged grid, text after them."""
+        b, n = len(lengths), max(lengths)
+        types = torch.zeros(b, n, dtype=torch.int)
+        mask = torch.zeros(b, n, dtype=torch.long)
+        for i, (length, v) in enumerate(zip(lengths, visual)):
+            types[i, :v], mask[i, :length] = 1, 1
+        grid = torch.as_tensor(np.asarray(grids, dtype=np.int64).reshape(-1, 3))
+        pos, _ = mllm.model.get_rope_index(torch.zeros(b, n, dtype=torch.long), types, image_grid_thw=grid,
+                                           attention_mask=mask)
+        return pos

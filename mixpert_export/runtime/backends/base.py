@@ -63,16 +63,3 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (timing); nothing to wait for on CPU."""
 
-
-def static_for_rows(static: bool, asked: bool, cfg) -> bool:
-    """The static path (buckets of preallocated buffers, CUDA graphs) buckets crops; a patch family (a variable
-    sequence an image) runs the dynamic path: silently when static was the device's default, refused when asked."""
-    from mixpert_train.errors import MixpertError
-    from mixpert_train.families import adapter_for
-
-    if not static or adapter_for(cfg.backbone).rows == "crops":
-        return static
-    if asked:
-        raise MixpertError(f"{cfg.backbone.name}: the static / CUDA-graph path buckets crops, not patches; "
-                           "run without static or graphs (the dynamic path)")
-    return False

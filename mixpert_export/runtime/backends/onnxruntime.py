@@ -17,7 +17,7 @@ from mixpert_train.errors import MixpertError
 from mixpert_train.families import adapter_for
 
 from mixpert_export.bundle import manifest as mf
-from .base import Backend, static_for_rows
+from .base import Backend
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -30,7 +30,6 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         self.threads = threads
         self.static_mode = (device == "cuda") if static is None else bool(static)
-        self.static_asked = static is not None or cuda_graphs is not None
         self.cuda_graphs = (device == "cuda" and self.static_mode) if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and (device != "cuda" or not self.static_mode):
             raise MixpertError("ONNX Runtime CUDA graphs need --device cuda and the static path")
@@ -82,8 +81,6 @@ class OnnxRuntimeBackend(Backend):
             self.sessions[name] = sess
             self.input_dtypes[name] = {t["name"]: _NP.get(t["dtype"], np.float32) for t in part["onnx"]["io"]["inputs"]}
             self.inputs[name], self.outputs[name] = part["spec"]["inputs"], part["spec"]["outputs"]
-        self.static_mode = static_for_rows(self.static_mode, self.static_asked, mf.bundle_config(manifest))
-        self.cuda_graphs = self.cuda_graphs and self.static_mode
         if self.static_mode:
             self._load_static(manifest)
         return self
@@ -100,11 +97,12 @@ class OnnxRuntimeBackend(Backend):
             raise MixpertError(f"static path: hidden {trunk_out['dtype']} and tokens {expert_out['dtype']} differ; "
                                "run with static=False")
         modules = {name: _BoundPart(self.sessions[name], self.inputs[name], self.outputs[name], self.input_dtypes[name],
-                                    self.device, graphs=self.cuda_graphs and name not in self.no_graph)
+                                    self.device, graphs=self.cuda_graphs and name not in self.no_graph, merge=self.merge)
                    for name in self.sessions}
+        rows = {t["name"]: (shape(t), _torch_dtype(t["dtype"])) for t in parts["trunk"]["onnx"]["io"]["inputs"][1:]}
         self.static = StaticParts(modules, int(manifest["max_crops"]), shape(parts["trunk"]["onnx"]["io"]["inputs"][0]),
                                   shape(trunk_out), shape(expert_out), _torch_dtype(trunk_out["dtype"]), self.device,
-                                  graphs=False, buckets=self.buckets)  # ONNX Runtime captures its own graphs
+                                  graphs=False, buckets=self.buckets, rows=rows, merge=self.merge)  # ORT: its own graphs
 
     # --- CUDA: IOBinding on torch CUDA tensors, so the trunk's output stays on the device between parts ---
     def from_host(self, x):
@@ -125,7 +123,8 @@ class OnnxRuntimeBackend(Backend):
     def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
         if self.static is None:
             return super().run_experts(hidden, groups, n, rows, merge)
-        return self.to_host(self.static.experts(hidden, groups))
+        staged = tuple(self.from_host(rows[k]) for k in self.static.rows) if rows else ()
+        return self.to_host(self.static.experts(hidden, groups, staged))
 
     def take(self, x, index: np.ndarray):
         if self.device == "cuda":
@@ -199,8 +198,8 @@ class _BoundPart:
     input shape, so every call of a shape binds the same addresses: the CUDA EP's graph for that shape
     (gpu_graph_id) replays on them. The caller (StaticParts) passes buffers of fixed address per shape."""
 
-    def __init__(self, session, inputs, outputs, input_dtypes, device: str, graphs: bool):
-        self.session, self.inputs, self.outputs = session, inputs, outputs
+    def __init__(self, session, inputs, outputs, input_dtypes, device: str, graphs: bool, merge: int = 1):
+        self.session, self.inputs, self.outputs, self.merge = session, inputs, outputs, merge
         self.input_dtypes, self.device, self.graphs = input_dtypes, device, graphs
         self.bound: dict[tuple, tuple] = {}  # input pointers and shapes -> (binding, output tensor, run options)
 
@@ -218,6 +217,8 @@ class _BoundPart:
                     raise MixpertError(f"{t['name']}: static buffer is {x.dtype}, the graph takes {np.dtype(want).name}")
                 binding.bind_input(t["name"], self.device, 0, want, tuple(x.shape), x.data_ptr())
                 axes |= {d: x.shape[i] for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+            if "patches" in axes:  # an expert's output rows: one a merge window
+                axes["merged"] = axes["patches"] // self.merge
             o = self.outputs[0]
             shape = tuple(axes[d] if isinstance(d, str) else d for d in o["shape"])
             out = torch.empty(shape, dtype=_torch_dtype(o["dtype"]), device=self.device)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
 
 from mixpert_export.bundle import manifest as mf
 from mixpert_export.bundle.onnx_export import PRECISIONS, lowered, part_module, part_specs
 from mixpert_export.bundle.sources import model_from_source
-from .base import Backend, static_for_rows
+from .base import Backend
 
 
 class TorchBackend(Backend):
@@ -34,7 +35,6 @@ class TorchBackend(Backend):
         if self.graphs and not cuda:
             raise MixpertError("CUDA graphs need --device cuda")
         self.static_mode = cuda if static is None else bool(static) or self.graphs
-        self.static_asked = static is not None or graphs is not None
         self.compile, self.streams, self.buckets = compile, streams, buckets
         self.static = None
 
@@ -45,11 +45,10 @@ class TorchBackend(Backend):
         model = lowered(model, self.precision).to(self.device)
         self.parts = {s.name: part_module(model, s, self.precision) for s in part_specs(cfg, self.precision)}
         self.specs = {s.name: s for s in part_specs(cfg, self.precision)}
-        self.static_mode = static_for_rows(self.static_mode, self.static_asked, cfg)
         if self.compile:  # static shapes per bucket: compile once per part and bucket, graphs captured after
-            import torch._dynamo
+            from torch import _dynamo
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             self.parts = {k: torch.compile(m, mode="max-autotune-no-cudagraphs", dynamic=False)
                           for k, m in self.parts.items()}
         if self.static_mode:
@@ -57,11 +56,14 @@ class TorchBackend(Backend):
 
             spec = {s.name: s for s in part_specs(cfg, self.precision)}
             shape = lambda t: tuple(int(d) for d in t.shape[1:])  # noqa: E731
+            rows = {t.name: (shape(t), torch.int64 if t.dtype == "int64" else torch.float32)
+                    for t in spec["trunk"].inputs[1:]}  # patch families' per-row inputs
             self.static = StaticParts(
                 self.parts, int(manifest["max_crops"]),
                 shape(spec["trunk"].inputs[0]), shape(spec["trunk"].outputs[0]),
                 shape(spec[f"expert_{cfg.experts[0]}"].outputs[0]), PRECISIONS[self.precision], self.device,
-                graphs=self.graphs, buckets=self.buckets, streams=self.streams)
+                graphs=self.graphs, buckets=self.buckets, streams=self.streams, rows=rows,
+                merge=adapter_for(cfg.backbone).io(cfg.backbone)["merge"])
         return self
 
     def from_host(self, x):
@@ -75,6 +77,9 @@ class TorchBackend(Backend):
             return np.asarray(x)
         t = x.detach().float().cpu()
         return (t.clone() if t.data_ptr() == x.data_ptr() else t).numpy()
+
+    def _as_tensor(self, x):
+        return x if isinstance(x, torch.Tensor) else self.from_host(x)
 
     def take(self, x, index: np.ndarray):
         return x.index_select(0, torch.as_tensor(index, device=x.device))
@@ -91,7 +96,8 @@ class TorchBackend(Backend):
     def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
         if self.static is None:
             return super().run_experts(hidden, groups, n, rows, merge)
-        return self.to_host(self.static.experts(hidden, groups))  # one copy to the host for all groups
+        staged = tuple(self._as_tensor(rows[k]) for k in self.static.rows) if rows else ()
+        return self.to_host(self.static.experts(hidden, groups, staged))  # one copy to the host for all groups
 
     def _args(self, part: str, feeds: dict) -> list:
         spec = self.specs[part]
