@@ -225,17 +225,17 @@ def test_bad_inputs_are_per_image_errors(pipes, tmp_path):
 def test_an_image_that_makes_nan_tokens_is_an_error_for_that_image_only(bundle, monkeypatch):
     pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
     imgs = images()[:3]
-    real = pipe.preprocess.crops
+    real = pipe.preprocess.rows
     calls = []
 
     def poisoned(im):
-        px = real(im)
+        px, grid = real(im)
         calls.append(1)
         if len(calls) == 2:
             px[0, 0, 0, 0] = np.inf  # inf enters the trunk: NaN comes out of attention
-        return px
+        return px, grid
 
-    monkeypatch.setattr(pipe.preprocess, "crops", poisoned)
+    monkeypatch.setattr(pipe.preprocess, "rows", poisoned)
     res = pipe(imgs)
     assert res[0].ok and res[2].ok and not res[1].ok and "NaN" in res[1].error
 
