@@ -8,9 +8,11 @@ ids (attention stays inside each image, as transformers' per-image split over cu
 interleaved rounds, the whole Mixpert pipeline call (trunk, router, the expert, tokens on the host):
   one_call     every image in one call: one launch a part, attention over the call's P patches (P^2 scores)
   per_image    one call an image: attention over each image's own n_i patches (sum n_i^2), a launch a part an image
+  budget       the pipeline's default: consecutive images share a call while it stays within Adapter.call_rows
 (Padding to the longest image, the third form, would need a [images, longest, D] layout of every part; its attention
 work is images x longest^2 >= sum n_i^2 with per_image's launches saved: per_image bounds it from below on CPU.)
-Reported: per_image / one_call per round, median [min, max], and the attention FLOPs share of each form.
+Reported: per_image / one_call and budget / one_call per round, median [min, max], and each form's attention share
+of FLOPs (approximate for budget: per call, weighted by patches).
 """
 
 from __future__ import annotations
@@ -72,30 +74,44 @@ def main(argv=None) -> int:
             out.append((res, per_image[i]))
         return out
 
+    calls, n = [[]], 0  # the pipeline's grouping (map()): a call closes before the image that would pass call_rows
+    for i, c in enumerate(counts):
+        if calls[-1] and n + c > pipe.call_rows:
+            calls, n = calls + [[]], 0
+        calls[-1].append(i)
+        n += c
     forms = {"one_call": lambda: pipe.run_crops(items(range(len(sizes))), experts=[expert] * len(sizes)),
-             "per_image": lambda: [pipe.run_crops(items([i]), experts=[expert]) for i in range(len(sizes))]}
+             "per_image": lambda: [pipe.run_crops(items([i]), experts=[expert]) for i in range(len(sizes))],
+             "budget": lambda: [pipe.run_crops(items(c), experts=[expert] * len(c)) for c in calls]}
     for fn in forms.values():  # warm-up
         fn()
     times = {k: [] for k in forms}
     for r in range(a.rounds):
-        for k in (list(forms) if r % 2 == 0 else list(forms)[::-1]):
+        names = list(forms)
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no form always runs first
             t = time.perf_counter()
             forms[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
-    ratios = [p / o for p, o in zip(times["per_image"], times["one_call"])]
+    ratio = lambda k: [x / o for x, o in zip(times[k], times["one_call"])]  # noqa: E731
     bb = pipe.cfg.backbone
     report = {"backbone": bb.name, "runtime": a.runtime, "device": device_name(pipe.backend),
               "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": [list(s) for s in sizes], "patches": counts,
               "ms": {k: {"median": statistics.median(v), "all": v} for k, v in times.items()},
-              "per_image_over_one_call": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+              "call_rows": pipe.call_rows, "budget_calls": calls,
+              "over_one_call": {k: {"median": statistics.median(ratio(k)), "min": min(ratio(k)), "max": max(ratio(k))}
+                                for k in ("per_image", "budget")},
               "attention_share": {"one_call": attention_share(bb, counts, True),
-                                  "per_image": attention_share(bb, counts, False)}}
-    r = report["per_image_over_one_call"]
+                                  "per_image": attention_share(bb, counts, False),
+                                  "budget": sum(attention_share(bb, [counts[i] for i in c], True) * sum(counts[i] for i in c)
+                                                for c in calls) / sum(counts)}}
+    r = report["over_one_call"]
     md = (f"### Attention form: {bb.name} on {a.runtime}, {report['device']}\n\n"
           f"Measured {report['date']}, {a.rounds} interleaved rounds; images {', '.join(a.sizes)} = {counts} patches.\n\n"
           "| form | median ms (context) | attention share of FLOPs |\n|---|---|---|\n"
           + "".join(f"| {k} | {report['ms'][k]['median']:.1f} | {report['attention_share'][k]:.1%} |\n" for k in forms)
-          + f"\nper_image / one_call: **{r['median']:.3f}** [{r['min']:.3f}, {r['max']:.3f}]\n")
+          + f"\nper_image / one_call: **{r['per_image']['median']:.3f}** [{r['per_image']['min']:.3f}, {r['per_image']['max']:.3f}]; "
+          f"budget ({pipe.call_rows} patches a call: calls {calls}) / one_call: **{r['budget']['median']:.3f}** "
+          f"[{r['budget']['min']:.3f}, {r['budget']['max']:.3f}]\n")
     print(md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

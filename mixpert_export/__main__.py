@@ -37,7 +37,12 @@ def cmd_build(args) -> int:
                                 gpu_targets=targets, source=source, progress=not args.quiet)
     print(format_table(["part", "file", "onnx", "export", "validation (vs torch fp32)", "engine"], summary_rows(manifest)))
     trt = manifest.get("tensorrt")
-    print(f"\nbundle: {out}  ({manifest['precision']}, max {manifest['max_crops']} crops a call, "
+    from mixpert_train.families import adapter_for
+
+    from .bundle.manifest import bundle_config
+
+    unit = adapter_for(bundle_config(manifest).backbone).rows
+    print(f"\nbundle: {out}  ({manifest['precision']}, max {manifest['max_crops']} {unit} a call, "
           f"engines: {trt['flavour'] + ' ' + trt['version'] if trt else 'none (ONNX Runtime only)'}, "
           f"peak RSS {manifest.get('peak_rss_mb', 0):.0f} MiB)")
     if args.json:
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
     src.add_argument("--from-onnx", metavar="DIR", help="compile the engines of an exported bundle (device compile)")
     b.add_argument("--out", help="bundle directory (default engines/<backbone>)")
     b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
-    b.add_argument("--max-crops", type=int, help="crops a call at most (default 4 images x max crops an image)")
+    b.add_argument("--max-crops", type=int, help="crops a call at most (default 4 images x max crops an image); patch families (qwen2-vl): "
+                   "patches a call, the patch budget (default: one image at max_pixels)")
     b.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: ONNX always, TensorRT engines too where tensorrt or tensorrt_rtx is installed")
     b.add_argument("--gpu-targets", help="TensorRT-RTX targets: sm80,sm86,sm89,sm120 or current")

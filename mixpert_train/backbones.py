@@ -260,6 +260,11 @@ class Adapter:
                 "hidden": ("crops", bb.hidden_tokens, bb.hidden_size),
                 "tokens": ("crops", bb.tokens_per_crop, bb.llm_hidden_size), "merge": 1}
 
+    def call_rows(self, bb: Backbone) -> int | None:
+        """The rows a pipeline call holds by default (None: the bundle's max). Patch families attend over the whole
+        call, so a call stops where the block-diagonal mask's wasted attention would start to cost."""
+        return None
+
     def example_grids(self, bb: Backbone) -> list:
         """Grids of two small images of different shapes (patch families), for tracing and validation."""
         raise NotImplementedError

@@ -72,13 +72,14 @@ class MixpertPipeline:
         self.lam = self.cfg.lam if lam is None else lam
         self.per_crop = per_crop
         self.max_crops = int(manifest["max_crops"])  # rows a call at most: crops, or patches (the patch budget)
-        # rows map() puts in one call (<= max_crops): consecutive images share a call while they fit. Patch families
-        # attend over the whole call (a block-diagonal mask), so a smaller budget trades batching for attention work
-        # (benchmarks/attention_form.py); an image above it runs alone.
-        self.call_rows = min(int(call_rows), self.max_crops) if call_rows else self.max_crops
         self.adapter = adapter_for(self.cfg.backbone)
         self.io = self.adapter.io(self.cfg.backbone)
         self.unit = self.adapter.rows
+        # rows map() puts in one call (<= max_crops): consecutive images share a call while they fit. Patch families
+        # attend over the whole call (a block-diagonal mask), so their default budget is smaller (Adapter.call_rows,
+        # benchmarks/attention_form.py); an image above it runs alone.
+        call_rows = call_rows or self.adapter.call_rows(self.cfg.backbone)
+        self.call_rows = min(int(call_rows), self.max_crops) if call_rows else self.max_crops
         if per_crop and self.unit != "crops":
             raise MixpertError(f"per-crop routing: {self.cfg.backbone.name} has no crops (one sequence of patches an "
                                "image); drop --per-crop")
