@@ -187,6 +187,37 @@ def test_fp16_graph_keeps_layernorm_in_fp32_and_validates(tiny_model, tmp_path):
         assert rep["status"] == "pass" and all(o["cosine"] >= 0.999 for o in rep["outputs"].values())
 
 
+@pytest.mark.parametrize("precision,atol", [("fp32", 1e-5), ("fp16", 5e-3)])
+def test_experts_share_one_trace_and_each_keeps_its_own_weights(tiny_model, tmp_path, precision, atol):
+    """A bundle traces the experts once (export_part's `shared`) and gives each expert's graph its own weights
+    before the optimiser runs: the same graph as exporting that expert alone (the same nodes, the same initializer values),
+    and each ONNX expert equals its own torch module (tolerance: fp32 1e-5, fp16 5e-3 abs on outputs of ~0.05), not a
+    neighbour's (they differ by more than 10x the tolerance)."""
+    low = lowered(tiny_model, precision)
+    specs = {s.name: s for s in part_specs(tiny_model.cfg, precision)}
+    shared, alone = {}, tmp_path / "alone"
+    alone.mkdir()
+    with torch.no_grad():
+        hidden = tiny_model.trunk(torch.from_numpy(sample_crops(tiny_model.cfg)[:3]))
+    outs = {}
+    for name in ("expert_chart", "expert_ocr", "expert_versatile"):
+        got = export_part(low, specs[name], tmp_path, precision, 8, shared)[0]
+        want = export_part(low, specs[name], alone, precision, 8)[0]  # traced on its own
+        g, w = onnx.load(str(got)).graph, onnx.load(str(want)).graph
+        assert [n.op_type for n in g.node] == [n.op_type for n in w.node], name  # value names may differ
+        values = lambda graph: sorted((str(a.dtype), a.shape, a.tobytes()) for a in  # noqa: E731
+                                      map(onnx.numpy_helper.to_array, graph.initializer))
+        assert values(g) == values(w), name  # the same weights after the same folding and deduplication
+        sess = ort.InferenceSession(str(got), providers=["CPUExecutionProvider"])
+        feed = hidden.to(torch.float16 if precision == "fp16" else torch.float32).numpy()
+        outs[name] = sess.run(None, {"hidden": feed})[0].astype(np.float32)
+        with torch.no_grad():
+            ref = tiny_model.experts[name[len("expert_"):]](hidden).numpy()
+        np.testing.assert_allclose(outs[name], ref, atol=atol, err_msg=name)
+    assert list(shared) == ["expert"]  # traced once
+    assert np.abs(outs["expert_chart"] - outs["expert_ocr"]).max() > 10 * atol
+
+
 @needs_trt
 def test_bf16_builds_an_engine_and_says_it_was_not_validated_on_cpu(tiny_model, tmp_path):
     spec = {s.name: s for s in part_specs(tiny_model.cfg, "bf16")}["expert_chart"]

@@ -54,12 +54,12 @@ def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: 
     specs = part_specs(model.cfg, precision, with_baseline)
     low = lowered(model, precision)
     inputs = sample_inputs(model) if validate else None
-    parts = {}
+    parts, shared = {}, {}  # shared: the experts' one trace (onnx_export.export_part)
     bar = tqdm(specs, desc=f"export {precision}", unit="part", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
         t0 = time.perf_counter()
-        files = export_part(low, spec, bundle, precision, max_crops)
+        files = export_part(low, spec, bundle, precision, max_crops, shared)
         seconds = time.perf_counter() - t0
         io = onnx_io(files[0])
         if not _io_eq(io, _spec_io(spec)):

@@ -173,30 +173,64 @@ def _quiet():
     return stack
 
 
-def export_part(model: MixpertVision, spec: PartSpec, out_dir: Path, precision: str, max_crops: int) -> list[Path]:
-    """Export one part of an already-lowered model to out_dir/spec.file (+ .data when large).
-    Returns the files written. Raises MixpertError naming the part on failure."""
+def _trace(module: nn.Module, spec: PartSpec, cfg: MixpertConfig, precision: str, max_crops: int):
+    """torch.export + translation of one part, not yet optimised (torch.onnx's ONNXProgram)."""
     from mixpert_train.families import adapter_for
 
-    module = part_module(model, spec, precision).eval()
-    args = example_inputs(spec, model.cfg, precision)
-    merge = adapter_for(model.cfg.backbone).io(model.cfg.backbone)["merge"]
+    args = example_inputs(spec, cfg, precision)
+    merge = adapter_for(cfg.backbone).io(cfg.backbone)["merge"]
     crops = torch.export.Dim("crops", min=1, max=max_crops)
     images = torch.export.Dim("images", min=1, max=max_crops)
     merged = torch.export.Dim("merged", min=1, max=max(1, max_crops // merge))
     dims = {"crops": crops, "images": images, "patches": merge * merged}  # a call's patches: whole merge windows
     dynamic = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
-    dynamic = _by_signature(module, dynamic)
+    with _quiet(), torch.no_grad():
+        return torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET[precision],
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=_by_signature(module, dynamic), optimize=False, verbose=False,
+        )
+
+
+def _with_weights(template, module: nn.Module, spec: PartSpec):
+    """`template` (an unoptimised expert graph) carrying `module`'s weights, optimised: what exporting `module`
+    itself gives, without tracing it again. The experts share one architecture, so their graphs differ only in
+    their initializers; the optimiser (constant folding, deduplication) then runs on the real weights."""
+    import onnx_ir as ir
+
+    weights = module.state_dict()
+    named = set(template.model.graph.initializers)
+    if not set(weights) <= named:
+        raise MixpertError(f"ONNX export of {spec.name}: weights {sorted(set(weights) - named)[:3]} are not in the "
+                           "shared expert graph; the experts' architectures differ")
+    with _quiet():
+        template.apply_weights(weights)
+        prog = torch.onnx.ONNXProgram(ir.from_proto(template.model_proto), None)  # a copy: optimize() works in place
+        prog.optimize()
+    return prog
+
+
+def export_part(model: MixpertVision, spec: PartSpec, out_dir: Path, precision: str, max_crops: int,
+                shared: dict | None = None) -> list[Path]:
+    """Export one part of an already-lowered model to out_dir/spec.file (+ .data when large).
+    `shared`: a dict the caller keeps across the parts of one bundle; the experts are traced once into it and
+    every expert's graph is that trace with its own weights. Returns the files written. Raises MixpertError
+    naming the part on failure."""
+    module = part_module(model, spec, precision).eval()
     path = out_dir / spec.file
     tmp = out_dir / f".{spec.file}.export"
     try:
-        with _quiet(), torch.no_grad():
-            prog = torch.onnx.export(
-                module, args, dynamo=True, opset_version=OPSET[precision],
-                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=dynamic, optimize=True, verbose=False,
-            )
+        if spec.name.startswith("expert_") and shared is not None:
+            if "expert" not in shared:
+                shared["expert"] = _trace(module, spec, model.cfg, precision, max_crops)
+            prog = _with_weights(shared["expert"], module, spec)
+        else:
+            prog = _trace(module, spec, model.cfg, precision, max_crops)
+            with _quiet():
+                prog.optimize()
         proto = prog.model_proto
+    except MixpertError:
+        raise
     except Exception as e:  # the exporter raises many types; name the part and keep one line
         raise MixpertError(f"ONNX export of {spec.name} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     _rename_dynamic_axes(proto, spec)

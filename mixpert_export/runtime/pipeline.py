@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -110,17 +110,25 @@ class MixpertPipeline:
 
     def map(self, images: Iterable, workers: int | None = None, prefetch: int | None = None) -> Iterator[ImageResult]:
         """Results in input order, each as soon as the call it ran in is done; calls group consecutive images up to
-        the bundle's max crops, as __call__ does. `workers` threads decode and preprocess the next images while a
-        call runs (PIL and the runtimes release the GIL), at most `prefetch` images ahead of the call being
-        filled, so memory stays bounded however long `images` is. workers=0: preprocess in this thread."""
+        the call budget (call_rows). `workers` threads decode and preprocess the next images while a call runs (PIL
+        and the runtimes release the GIL), at most `prefetch` images ahead of the call being filled, so memory
+        stays bounded however long `images` is. With workers a call also starts early, with the images that are
+        ready, when the next one is not: the engines never wait for a call to fill (so the grouping, and the
+        tokens' last bits, may vary with timing). workers=0: preprocess in this thread, fixed grouping."""
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
         if prefetch is None:  # two full calls of the largest images ahead
             prefetch = max(2 * workers, 2 * max(1, self.max_crops // self.cfg.backbone.max_crops))
         waiting: collections.deque[ImageResult] = collections.deque()  # input order, not yet yielded
         batch, n = [], 0
-        for res, px in self._prepared(images, workers, prefetch):
+        for res, job in self._prepared(images, workers, prefetch):
             waiting.append(res)
+            if batch and not job.done():  # the next image is still being prepared: run what is ready rather than
+                self.run_crops(batch)     # wait idle (a call is never held back for a slower preprocessor)
+                batch, n = [], 0
+                while waiting[0] is not res:
+                    yield waiting.popleft()
+            px = job.result()
             if px is not None:
                 if batch and n + len(px) > self.call_rows:
                     self.run_crops(batch)
@@ -134,23 +142,24 @@ class MixpertPipeline:
         yield from waiting
 
     def _prepared(self, images: Iterable, workers: int, prefetch: int):
-        """(result, crops or None) in input order; with workers, made up to `prefetch` images ahead."""
+        """(result, a future of its crops or None) in input order; with workers, made up to `prefetch` images
+        ahead; without, each made here before it is yielded (so always done)."""
         items = ((ImageResult(i, str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"), src)
                  for i, src in enumerate(images))
         if not workers:
             for res, src in items:
-                yield res, self._prepare(res, src)
+                done: Future = Future()
+                done.set_result(self._prepare(res, src))
+                yield res, done
             return
         with ThreadPoolExecutor(workers, thread_name_prefix="mixpert-preprocess") as pool:
             ahead: collections.deque = collections.deque()
             for res, src in items:
                 ahead.append((res, pool.submit(self._prepare, res, src)))
                 if len(ahead) > prefetch:
-                    res, fut = ahead.popleft()
-                    yield res, fut.result()
+                    yield ahead.popleft()
             while ahead:
-                res, fut = ahead.popleft()
-                yield res, fut.result()
+                yield ahead.popleft()
 
     def _prepare(self, res: ImageResult, src) -> np.ndarray | None:
         """The image's crops, or None with `res.error` set (one line, this image only)."""
