@@ -274,6 +274,17 @@ class Adapter:
         the preprocessor reports it; {} for crop families."""
         return {}
 
+    def language_model(self, config: dict):
+        """The MLLM's language side for answers, where its plain causal LM cannot stand in for it: (a model on the
+        meta device whose forward takes inputs_embeds, [(snapshot key prefix, the model's prefix)]). None: the text
+        config's AutoModelForCausalLM does (LLaVA-OV, InternVL)."""
+        return None
+
+    def generate_inputs(self, input_ids, grid, image_token_id: int) -> dict:
+        """Extra keyword arguments the language model's generate() needs for one image's prompt besides
+        inputs_embeds (Qwen2-VL: the ids, grid and token types its M-RoPE positions come from); {} for most."""
+        return {}
+
     def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
         """How the family's processor turns one image placeholder of a rendered prompt into token ids: (the
         placeholder, the id of each image position, ids before the positions, ids after them)."""

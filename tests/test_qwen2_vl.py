@@ -342,6 +342,74 @@ def test_serve_and_triton_repository(qwen, bundle, tmp_path):
         client.close()
 
 
+ASK_TEMPLATE = ("{% for m in messages %}<|user|> {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %} <|assistant|>{% endif %}")
+
+
+def qwen_tokenizer():
+    """Qwen2-VL's image tokens at the tiny config's ids (5 image pad, 6 video pad, 7 vision start), words after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>", "<|image_pad|>", "<|video_pad|>",
+               "<|vision_start|>", "<|vision_end|>"]
+    vocab = {t: i for i, t in enumerate(special)} | {f"w{i}": i for i in range(len(special), 300)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   additional_special_tokens=special[3:],
+                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+
+
+@pytest.mark.parametrize("bundle", [2], indirect=True)
+def test_ask_equals_transformers_generate(qwen, bundle, tmp_path):
+    """ask on a Qwen2-VL bundle + the snapshot's LLM: token-for-token transformers' Qwen2VLForConditionalGeneration
+    .generate (greedy) on the prompt its processor builds (<|image_pad|> x merged tokens, M-RoPE positions from the
+    image's grid computed by the model), through torch and ONNX Runtime, images of different sizes and grids."""
+    import copy
+
+    from jinja2 import Template
+    from transformers import AutoImageProcessor
+
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+    from mixpert_export.serving.ask import LanguageModel, ask
+
+    base, snap = qwen
+    _, path, _ = bundle
+    model = copy.deepcopy(base)  # the same vision side as the bundle's; an LLM that reacts to its input
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    llm_snap = save_snapshot(model, tmp_path / "llm")
+    tok = qwen_tokenizer()
+    tok.save_pretrained(llm_snap)
+    (llm_snap / "chat_template.jinja").write_text(ASK_TEMPLATE)
+    llm = LanguageModel.from_snapshot(llm_snap)
+    proc = AutoImageProcessor.from_pretrained(snap)
+    question, new = " w10 w11 w12", 10
+    answers = []
+    for runtime in ("torch", "onnxruntime"):
+        pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
+        for im in _images()[:4]:
+            px = proc(images=[im], return_tensors="pt")
+            n = int(px["image_grid_thw"][0].prod()) // 4
+            text = Template(ASK_TEMPLATE).render(messages=[{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+            ids = tok(text.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt", add_special_tokens=False)
+            types = (ids["input_ids"] == 5).int()  # what Qwen2VLProcessor returns as mm_token_type_ids
+            with torch.no_grad():
+                out = model.generate(**ids, pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"],
+                                     mm_token_type_ids=types, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            want = out[0, ids["input_ids"].shape[1]:].tolist()
+            want = want[:want.index(2)] if 2 in want else want
+            got = ask(pipe, llm, im, question, max_new_tokens=new)
+            assert llm.input_ids(question, got.image_positions) == ids["input_ids"][0].tolist()
+            assert got.expert == VERSATILE and got.token_ids == want and len(want) >= 3, (im.size, got.token_ids, want)
+            answers.append(tuple(want))
+    assert len(set(answers)) >= 2  # the image changes the answer: the test would see an ignored vision side
+
+
 def test_training_stages_on_a_tiny_qwen2_vl(tmp_path):
     """joint SFT of a tiny Qwen2-VL (whole images of their own sizes, patches and grids) -> disentangled experts
     (trunk and LM frozen) -> router over the image's patches -> eval on the family's domain set; routed to versatile

@@ -10,7 +10,8 @@ sequence is the image followed by the question, as the demo's MLLM was trained. 
 position per packed embedding (inside the family's image start / end tokens where it has them: InternVL), exactly
 as the family's transformers processor expands it (the family adapter's image_prompt), and those positions take
 the embeddings: what LlavaOnevisionForConditionalGeneration / InternVLForConditionalGeneration do inside their
-own forward.
+own forward. Qwen2-VL's LLM places tokens with M-RoPE (3D positions from the image's grid), so its language side is
+the MLLM class itself without its ViT (the adapter's language_model), given the ids and grid its generate() needs.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ class LanguageModel:
     """The LLM half of a local MLLM snapshot: its causal LM, tokenizer and prompt template."""
 
     def __init__(self, model, tokenizer, template: str | None, image_token_id: int, placeholder: str, source: Path,
-                 open_ids: list | None = None, close_ids: list | None = None):
+                 open_ids: list | None = None, close_ids: list | None = None, family=None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.image_token_id, self.placeholder, self.source = image_token_id, placeholder, source
         self.open_ids, self.close_ids = list(open_ids or []), list(close_ids or [])
+        self.family = family  # the MLLM family's adapter: its generate() inputs beyond the embeddings
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.model.get_input_embeddings().embedding_dim)
 
     @classmethod
     def from_snapshot(cls, snapshot: str | Path, device: str = "cpu", dtype: str | None = None) -> "LanguageModel":
@@ -74,16 +76,21 @@ class LanguageModel:
         if "text_config" not in config:
             raise MixpertError(f"{snap / 'config.json'}: no text_config (model_type {config.get('model_type')!r}); "
                                "ask needs a transformers (-hf) snapshot of the MLLM, e.g. save_pretrained's")
-        text = dict(config["text_config"])
-        if "tie_word_embeddings" in config:  # the MLLM's own flag governs its LM head (InternVL ties by default)
-            text["tie_word_embeddings"] = bool(config["tie_word_embeddings"])
-        cfg = AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        own = family.language_model(config)  # the MLLM class itself where a plain causal LM cannot stand in
+        if own is None:
+            text = dict(config["text_config"])
+            if "tie_word_embeddings" in config:  # the MLLM's own flag governs its LM head (InternVL ties by default)
+                text["tie_word_embeddings"] = bool(config["tie_word_embeddings"])
+            cfg = AutoConfig.for_model(text.pop("model_type", "qwen2"), **text)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+            prefixes = LLM_PREFIXES
+        else:
+            (model, prefixes), cfg = own, own[0].config
         want = model.state_dict()
         state = {}
         for key, shard in _shard_map(snap).items():
-            for src, dst in LLM_PREFIXES:
+            for src, dst in prefixes:
                 if key.startswith(src) and dst + key[len(src):] in want:
                     state[dst + key[len(src):]] = (key, shard)
                     break
@@ -99,14 +106,15 @@ class LanguageModel:
             with _open(shard) as f:
                 for dst, key in pairs:
                     tensors[dst] = f.get_tensor(key)
-        torch_dtype = getattr(torch, dtype) if dtype else tensors["model.embed_tokens.weight"].dtype
+        embed_key = next(k for k, v in model.named_parameters() if v is model.get_input_embeddings().weight)
+        torch_dtype = getattr(torch, dtype) if dtype else tensors[embed_key].dtype  # the snapshot's own dtype
         model.load_state_dict({k: v.to(torch_dtype) for k, v in tensors.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.tie_weights()
         for name, mod in list(model.named_modules()):  # buffers computed at construction (rotary inv_freq)
             if any(b.is_meta for b in mod.buffers(recurse=False)):
                 parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, type(mod)(config=cfg))
+                setattr(model.get_submodule(parent) if parent else model, leaf, type(mod)(config=getattr(mod, "config", cfg)))
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise MixpertError(f"{snap}: language-model tensor {left[0]} has no value ({len(left)} missing)")
@@ -117,7 +125,8 @@ class LanguageModel:
             raise MixpertError(f"{snap}: no tokenizer transformers can load ({str(e).splitlines()[0][:120]}); "
                                "the snapshot needs its tokenizer files") from None
         placeholder, image_token_id, open_ids, close_ids = family.image_prompt(config, tokenizer)
-        return cls(model, tokenizer, _template(snap, tokenizer), image_token_id, placeholder, snap, open_ids, close_ids)
+        return cls(model, tokenizer, _template(snap, tokenizer), image_token_id, placeholder, snap, open_ids, close_ids,
+                   family)
 
     def prompt(self, question: str) -> tuple[str, str]:
         """The text before and after the image placeholder."""
@@ -141,19 +150,22 @@ class LanguageModel:
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
         return enc(before) + self.open_ids + [self.image_token_id] * n_image + self.close_ids + enc(after)
 
-    def generate(self, embeddings: np.ndarray, question: str, max_new_tokens: int = 32) -> tuple[list[int], int]:
-        """Greedy: (new token ids, prompt length) with `embeddings` [L, D] at the image positions."""
+    def generate(self, embeddings: np.ndarray, question: str, max_new_tokens: int = 32,
+                 grid=None) -> tuple[list[int], int]:
+        """Greedy: (new token ids, prompt length) with `embeddings` [L, D] at the image positions; `grid`: the
+        image's (t, h, w) in patches, for families whose positions depend on it (Qwen2-VL)."""
         import torch
 
         ids = torch.tensor([self.input_ids(question, len(embeddings))], device=self.model.device)
         embed = self.model.get_input_embeddings()
+        extra = self.family.generate_inputs(ids, grid, self.image_token_id) if self.family is not None and grid else {}
         with torch.no_grad():
             x = embed(ids)
             mask = ids[0] == self.image_token_id
             x[0, mask] = torch.as_tensor(embeddings, device=x.device, dtype=x.dtype)
             out = self.model.generate(inputs_embeds=x, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0)
-        new = out[0].tolist()
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0, **extra)
+        new = out[0, ids.shape[1]:].tolist() if "input_ids" in extra else out[0].tolist()  # with ids: prompt first
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in new:
             new = new[:new.index(eos)]
@@ -188,7 +200,7 @@ def ask(pipeline, llm: LanguageModel, image, question: str, max_new_tokens: int 
     if not res.ok:
         raise MixpertError(res.error)
     t1 = time.perf_counter()
-    ids, n_prompt = llm.generate(res.embeddings, question, max_new_tokens)
+    ids, n_prompt = llm.generate(res.embeddings, question, max_new_tokens, grid=res.grid)
     t2 = time.perf_counter()
     return Answer(text=llm.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, expert=res.expert,
                   scores=res.scores, margin=res.margin, image_positions=len(res.embeddings), prompt_tokens=n_prompt,

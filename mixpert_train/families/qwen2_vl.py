@@ -209,6 +209,31 @@ class Qwen2VitAdapter(Adapter):
         t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, np.float32)
         return t.reshape(-1, t.shape[-1])
 
+    def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
+        """Qwen2VLProcessor: each <|image_pad|> of the prompt (the chat template wraps it in <|vision_start|> ...
+        <|vision_end|>) becomes one pad token a merged token; the model fills the pads."""
+        return getattr(tokenizer, "image_token", None) or "<|image_pad|>", int(config.get("image_token_id", 151655)), [], []
+
+    def language_model(self, config: dict):
+        """Qwen2-VL's LLM places text and image tokens with M-RoPE (3D positions from the image's grid), which only
+        the MLLM class computes: the language side is Qwen2VLForConditionalGeneration itself with its ViT left out
+        (the engines give the image embeddings)."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(config))
+        model.model.visual = None  # never called: no pixel_values reach this model
+        # snapshot layouts: model.language_model.* (the module's own names), model.* (published, and what
+        # save_pretrained writes back); the ViT's keys map to no tensor of the LLM and are never read
+        return model, (("model.language_model.", "model.language_model."), ("model.", "model.language_model."),
+                       ("lm_head.", "lm_head."))
+
+    def generate_inputs(self, input_ids, grid, image_token_id: int) -> dict:
+        """The prompt's ids, the image's grid and token types (1 at image positions), from which the model's own
+        generate() computes the M-RoPE positions (get_rope_index), as it does after its processor."""
+        return {"input_ids": input_ids, "image_grid_thw": torch.tensor([list(grid)], device=input_ids.device),
+                "mm_token_type_ids": (input_ids == image_token_id).int()}
+
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
         """A tiny Qwen2-VL: the backbone's ViT + merger and a 2-layer language model with M-RoPE."""
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
