@@ -74,12 +74,7 @@ def main(argv=None) -> int:
             out.append((res, per_image[i]))
         return out
 
-    calls, n = [[]], 0  # the pipeline's grouping (map()): a call closes before the image that would pass call_rows
-    for i, c in enumerate(counts):
-        if calls[-1] and n + c > pipe.call_rows:
-            calls, n = calls + [[]], 0
-        calls[-1].append(i)
-        n += c
+    calls = pipe.calls(counts)  # the pipeline's grouping: a call closes before the image that would pass call_rows
     forms = {"one_call": lambda: pipe.run_crops(items(range(len(sizes))), experts=[expert] * len(sizes)),
              "per_image": lambda: [pipe.run_crops(items([i]), experts=[expert]) for i in range(len(sizes))],
              "budget": lambda: [pipe.run_crops(items(c), experts=[expert] * len(c)) for c in calls]}

@@ -113,25 +113,26 @@ def overlap(pipe, mix, workers: int, rounds: int, path: str) -> dict:
     from mixpert_export.runtime.pipeline import ImageResult
 
     images = [data for _, data in mix]
-    crops = [pipe.preprocess(d) for d in images]
-    calls, batch, n = [], [], 0  # the calls map() makes: consecutive images up to the bundle's max crops
-    for i, px in enumerate(crops):
-        if batch and n + len(px) > pipe.max_crops:
-            calls.append(batch)
-            batch, n = [], 0
-        batch.append(i)
-        n += len(px)
-    calls.append(batch)
+    prepared = [pipe.preprocess.prepare(d) for d in images]  # (rows, image size, grid)
+    crops = [px for px, _, _ in prepared]
+    calls = pipe.calls([len(px) for px in crops])  # the calls map() makes when every image is ready
     be = pipe.backend
+
+    def item(i):
+        res = ImageResult(i, "bench")
+        res.image_size, res.grid = prepared[i][1], prepared[i][2]
+        return res, crops[i]
 
     def infer():
         for call in calls:
-            pipe.run_crops([(ImageResult(i, "bench"), crops[i]) for i in call])
+            pipe.run_crops([item(i) for i in call])
 
-    def single():
+    def single():  # the unsplit encoder on the same calls, with the per-row inputs a patch family's parts take
         for call in calls:
             px = np.concatenate([crops[i] for i in call])
-            be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(px)})["tokens"])
+            rows = pipe.adapter.row_inputs(pipe.cfg.backbone, [prepared[i][2] for i in call]) if pipe.io["rows"] else {}
+            feeds = {"pixel_values": be.from_host(px)} | {k: be.from_host(v) for k, v in rows.items()}
+            be.to_host(be.infer("single_encoder", feeds)["tokens"])
 
     def prep():
         with ThreadPoolExecutor(workers) as pool:
@@ -172,12 +173,13 @@ def overlap(pipe, mix, workers: int, rounds: int, path: str) -> dict:
 
 
 def markdown(rep: dict) -> str:
-    pc = rep["per_core"]
-    lines = [f"# End to end: bytes -> tokens, {rep['backbone']} on {rep['runtime']} ({rep['device']})", "",
+    pc, unit = rep["per_core"], rep.get("unit", "crops")
+    title = "bytes -> tokens" if rep["overlap"] else "bytes -> rows, preprocessing only"
+    lines = [f"# End to end: {title}, {rep['backbone']} on {rep['runtime']} ({rep['device']})", "",
              f"{rep['date']}, {rep['rounds']} interleaved rounds; {rep['workers']} preprocessing thread(s), runtime intra-op "
              f"threads: {rep['intra_threads'] or 'its default'}. Absolute times are context only.", "",
              "## Preprocessing per core (one thread)", "",
-             "| path | crops/s per core | mix time | speed-up vs transformers, median [min, max] |", "|---|---|---|---|"]
+             f"| path | {unit}/s per core | mix time | speed-up vs transformers, median [min, max] |", "|---|---|---|---|"]
     for k in PATHS:
         p = pc["paths"][k]
         s = pc["speedup"].get(k)
@@ -186,17 +188,17 @@ def markdown(rep: dict) -> str:
     lines += ["", f"Decoding alone (every path pays it first): {pc['decode_s'] * 1e3:.0f} ms for the mix. Speed-up of the "
               "work after decoding: " + ", ".join(f"{k} x{v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
                                                  for k, v in pc["speedup_after_decode"].items()) + "."]
-    lines += ["", "| image | crops | " + " | ".join(f"{k} ms" for k in PATHS) + " |", "|---|---|" + "---|" * len(PATHS)]
+    lines += ["", f"| image | {unit} | " + " | ".join(f"{k} ms" for k in PATHS) + " |", "|---|---|" + "---|" * len(PATHS)]
     for name, n in pc["crops"].items():
         lines.append(f"| {name} | {n} | " + " | ".join(f"{pc['paths'][k]['per_image_ms'][name]:.1f}" for k in PATHS) + " |")
     for key, ov in rep["overlap"].items():
         m = ov["median_s"]
         lines += ["", f"## Overlap, preprocessing = {ov['preprocess_path']} ({key})", "",
-                  f"{ov['images']} images, {ov['crops']} crops, {ov['calls']} calls, {ov['workers']} preprocessing threads.", "",
+                  f"{ov['images']} images, {ov['crops']} {unit}, {ov['calls']} calls, {ov['workers']} preprocessing threads.", "",
                   "| measured | median |", "|---|---|",
                   f"| preprocessing alone ({ov['workers']} threads) | {m['preprocessing'] * 1e3:.0f} ms |",
                   f"| inference alone (Mixpert) | {m['inference'] * 1e3:.0f} ms |",
-                  f"| inference alone (single encoder, same crops) | {m['single_encoder'] * 1e3:.0f} ms |",
+                  f"| inference alone (single encoder, same {unit}) | {m['single_encoder'] * 1e3:.0f} ms |",
                   f"| serial sum (preprocessing + inference) | {ov['serial_sum_s'] * 1e3:.0f} ms |",
                   f"| end to end, overlapped (`pipe.map`) | {m['end_to_end'] * 1e3:.0f} ms ({ov['images_per_s']:.2f} images/s) |",
                   f"| end to end / max(preprocessing, inference) | {ov['e2e_over_max']['median']:.3f} "
@@ -213,28 +215,32 @@ def plot(rep: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = 2 if rep["overlap"] else 1  # --preprocessing-only: the per-core panel alone
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax1 = axes[0, 0]
     pc = rep["per_core"]["paths"]
     ax1.bar(PATHS, [pc[k]["crops_per_s_per_core"] for k in PATHS], color=["#999", "#1f77b4", "#2ca02c"])
-    ax1.set_ylabel("crops/s per core")
+    ax1.set_ylabel(f"{rep.get('unit', 'crops')}/s per core")
     ax1.set_title("Preprocessing, one core")
-    labels, pre, inf, e2e = [], [], [], []
-    for key, ov in rep["overlap"].items():
-        labels.append(key)
-        pre.append(ov["median_s"]["preprocessing"])
-        inf.append(ov["median_s"]["inference"])
-        e2e.append(ov["median_s"]["end_to_end"])
-    x = np.arange(len(labels))
-    ax2.bar(x - 0.3, pre, 0.2, label="preprocessing alone")
-    ax2.bar(x - 0.1, inf, 0.2, label="inference alone")
-    ax2.bar(x + 0.1, np.add(pre, inf), 0.2, label="serial sum", color="#ccc")
-    ax2.bar(x + 0.3, e2e, 0.2, label="end to end (overlapped)", color="#d62728")
-    for xi, p, i in zip(x, pre, inf):  # the target: 1.1 x the slower stage alone
-        ax2.hlines(1.1 * max(p, i), xi - 0.4, xi + 0.4, colors="k", linestyles="dashed", linewidth=1)
-    ax2.set_xticks(x, labels)
-    ax2.set_ylabel("seconds for the mix")
-    ax2.set_title("Overlap (dashed: 1.1 x the slower stage alone)")
-    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4)
+    if rep["overlap"]:
+        ax2 = axes[0, 1]
+        labels, pre, inf, e2e = [], [], [], []
+        for key, ov in rep["overlap"].items():
+            labels.append(key)
+            pre.append(ov["median_s"]["preprocessing"])
+            inf.append(ov["median_s"]["inference"])
+            e2e.append(ov["median_s"]["end_to_end"])
+        x = np.arange(len(labels))
+        ax2.bar(x - 0.3, pre, 0.2, label="preprocessing alone")
+        ax2.bar(x - 0.1, inf, 0.2, label="inference alone")
+        ax2.bar(x + 0.1, np.add(pre, inf), 0.2, label="serial sum", color="#ccc")
+        ax2.bar(x + 0.3, e2e, 0.2, label="end to end (overlapped)", color="#d62728")
+        for xi, p, i in zip(x, pre, inf):  # the target: 1.1 x the slower stage alone
+            ax2.hlines(1.1 * max(p, i), xi - 0.4, xi + 0.4, colors="k", linestyles="dashed", linewidth=1)
+        ax2.set_xticks(x, labels)
+        ax2.set_ylabel("seconds for the mix")
+        ax2.set_title("Overlap (dashed: 1.1 x the slower stage alone)")
+        ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4)
     fig.suptitle(f"{rep['backbone']} on {rep['runtime']} ({rep['device']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,22 +263,34 @@ def main(argv=None) -> int:
                     help="the overlap mix (default --sizes; a real-scale model on CPU needs a smaller one)")
     ap.add_argument("--repeat", type=int, default=1, help="the overlap mix repeated, for steadier figures")
     ap.add_argument("--no-torch-path", action="store_true", help="overlap with the PIL path only")
+    ap.add_argument("--preprocessing-only", action="store_true",
+                    help="per-core preprocessing only (any backbone, no bundle, no inference)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
 
     from mixpert_export.runtime.pipeline import MixpertPipeline
     from mixpert_train.backbones import get_backbone
+    from mixpert_train.families import adapter_for
+
+    if args.preprocessing_only:
+        bb = get_backbone(args.backbone)
+        mix = encoded_mix(args.sizes)
+        print(f"per-core preprocessing over {len(mix)} images ...", flush=True)
+        rep = {"backbone": bb.name, "runtime": "none", "device": device_name(None), "date": time.strftime("%Y-%m-%d"),
+               "rounds": args.rounds, "workers": 1, "intra_threads": None, "sizes": args.sizes,
+               "unit": adapter_for(bb).rows, "per_core": per_core(bb, mix, args.rounds), "overlap": {}}
+        return write(rep, Path(args.out), f"preprocess_{slug(rep['device'])}_{bb.name}")
 
     tmp = None
     bundle = args.bundle
     if bundle is None:
-        if args.backbone != "tiny":
+        if not args.backbone.startswith("tiny"):
             ap.error("--bundle is needed for a real-scale backbone (build one with --random-init)")
         from mixpert_export.bundle.build import build_bundle
         from mixpert_export.bundle.sources import resolve
 
         tmp = tempfile.TemporaryDirectory()
-        model, source = resolve("tiny", random_init=True)
+        model, source = resolve(args.backbone, random_init=True)
         bundle = Path(tmp.name) / "bundle"
         build_bundle(model, bundle, runtime="onnxruntime", source=source, progress=False)
     opts = {"threads": args.intra_threads} if args.intra_threads and args.runtime == "onnxruntime" else {}
@@ -282,28 +300,31 @@ def main(argv=None) -> int:
         pipes[f"torch_{on}"] = MixpertPipeline.from_engines(bundle, runtime=args.runtime, device=args.device,
                                                             backend_options=opts, preprocess_device=on)
     bb = pipes["fast_pil"].cfg.backbone
-    if args.backbone != "tiny" and bb.name != get_backbone(args.backbone).name:
+    if bb.name != get_backbone(args.backbone).name:
         ap.error(f"--bundle {bundle} is {bb.name}, not {args.backbone}")
     mix = encoded_mix(args.sizes)
     print(f"per-core preprocessing over {len(mix)} images ...", flush=True)
     rep = {"backbone": bb.name, "runtime": pipes["fast_pil"].backend.describe()["runtime"],
            "device": device_name(pipes["fast_pil"].backend), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
            "workers": args.workers, "intra_threads": args.intra_threads,
-           "sizes": args.sizes, "per_core": per_core(bb, mix, args.rounds), "overlap": {}}
+           "sizes": args.sizes, "unit": pipes["fast_pil"].unit, "per_core": per_core(bb, mix, args.rounds), "overlap": {}}
     omix = encoded_mix(args.overlap_sizes or args.sizes) * args.repeat
     for key, pipe in pipes.items():
         print(f"overlap with {key} preprocessing over {len(omix)} images ...", flush=True)
         rep["overlap"][key] = overlap(pipe, omix, args.workers, args.rounds, pipe.preprocess.describe()["path"])
-    out = Path(args.out)
+    write(rep, Path(args.out), f"e2e_{slug(rep['device'])}_{slug(rep['runtime'])}_{bb.name}")
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+def write(rep: dict, out: Path, stem: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e_{slug(rep['device'])}_{slug(rep['runtime'])}_{bb.name}"
     (out / f"{stem}.json").write_text(json.dumps(rep, indent=2))
     (out / f"{stem}.md").write_text(markdown(rep))
     plot(rep, out / f"{stem}.png")
     print(markdown(rep))
     print(f"results: {out / stem}.{{md,json,png}}")
-    if tmp:
-        tmp.cleanup()
     return 0
 
 

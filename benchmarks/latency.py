@@ -11,7 +11,8 @@ Cases, same inputs, interleaved rounds (order rotated each round), warm-up first
   e  dense mixture: every expert on every image             (what routing saves)
   f  bare parts: trunk, router, one expert on all crops, no routing or grouping  (b/f = the orchestrator's overhead)
 Ratios b/a, c/a, d/a, e/a are taken per round and reported as median [min, max]. Absolute times are context only.
-Every case ends with its tokens on the host, as the pipeline's do.
+Every case ends with its tokens on the host, as the pipeline's do, and runs the batch in the calls the pipeline
+makes of it (patch families: images grouped up to the call's patch budget; see MixpertPipeline.calls).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ GATED = ("b_one_domain", "c_mixed")  # what the regression gate watches
 
 
 def device_name(backend) -> str:
-    d = backend.describe()
+    """The GPU's name where the backend runs on one, else the host CPU's (backend None: the host)."""
+    d = backend.describe() if backend is not None else {}
     if str(d.get("device", "cpu")).startswith("cuda") or d.get("runtime", "").startswith("tensorrt"):
         import torch
 
@@ -74,56 +76,66 @@ def inputs(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 
 
 
 def cases(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0) -> dict:
-    """The five workloads on the same pixels, each a zero-argument callable."""
+    """The six workloads on the same pixels, each a zero-argument callable. Each runs the calls the pipeline makes
+    of the batch (MixpertPipeline.calls: one call for crop families within the bundle's max; patch families group
+    images up to their call budget, since a call attends over all its patches), so every case pays what the product
+    pays, the single encoder included."""
     be, cfg = pipe.backend, pipe.cfg
-    per_image, grids, rows = inputs(pipe, batch, crops, sizes, seed)
-    pixels = np.concatenate(per_image)
-    pool = pool_matrix([len(px) for px in per_image])
+    per_image, grids, _ = inputs(pipe, batch, crops, sizes, seed)
     merge = pipe.io["merge"]
+    calls = [{"images": idx, "pixels": np.concatenate([per_image[i] for i in idx]),
+              "pool": pool_matrix([len(per_image[i]) for i in idx]), "grids": [grids[i] for i in idx]}
+             for idx in pipe.calls([len(px) for px in per_image])]
 
-    def row_feeds():  # computed on every call as the pipeline does (the single encoder needs them as well)
-        if not rows:
-            return {}
-        return {k: be.from_host(v) for k, v in pipe.adapter.row_inputs(cfg.backbone, grids).items()}
+    def feeds(c):  # per-row inputs computed on every call as the pipeline does (the single encoder needs them too)
+        rows = pipe.adapter.row_inputs(cfg.backbone, c["grids"]) if pipe.io["rows"] else {}
+        return {"pixel_values": be.from_host(c["pixels"])} | {k: be.from_host(v) for k, v in rows.items()}
 
-    def feeds():
-        return {"pixel_values": be.from_host(pixels)} | row_feeds()
-
-    def items():
+    def items(c):
         out = []
-        for i, px in enumerate(per_image):
+        for i in c["images"]:
             res = ImageResult(i, "bench")
             res.grid = grids[i]
-            out.append((res, px))
+            out.append((res, per_image[i]))
         return out
 
     def single():
-        return be.to_host(be.infer("single_encoder", feeds())["tokens"])
+        return [be.to_host(be.infer("single_encoder", feeds(c))["tokens"]) for c in calls]
 
-    every = np.arange(len(pixels))
+    def experts(h, f, e, n):
+        if not pipe.io["rows"]:  # crop families: the backends' own (static, graph) expert path
+            return be.run_experts(h, [(f"expert_{e}", np.arange(n))], n)
+        rows = {k: v for k, v in f.items() if k != "pixel_values"}
+        return be.run_experts(h, [(f"expert_{e}", np.arange(n))], n, rows=rows, merge=merge)
 
-    def experts(h, f, e):
-        if not rows:  # crop families: the backends' own (static, graph) expert path
-            return be.run_experts(h, [(f"expert_{e}", every)], len(every))
-        return be.run_experts(h, [(f"expert_{e}", every)], len(every), rows={k: f[k] for k in rows}, merge=merge)
+    def trunk_router(c):
+        f = feeds(c)
+        h = be.infer("trunk", f)["hidden"]
+        be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(c["pool"])})["scores"])
+        return f, h
 
     def dense():
-        f = feeds()
-        h = be.infer("trunk", f)["hidden"]
-        be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return [experts(h, f, e) for e in cfg.experts]
+        out = []
+        for c in calls:
+            f, h = trunk_router(c)
+            out += [experts(h, f, e, len(c["pixels"])) for e in cfg.experts]
+        return out
 
     def bare():  # the backend's own expert path (graphs where it has them), no routing or grouping
-        f = feeds()
-        h = be.infer("trunk", f)["hidden"]
-        be.to_host(be.infer("router", {"hidden": h, "pool": be.from_host(pool)})["scores"])
-        return experts(h, f, cfg.domains[0])
+        out = []
+        for c in calls:
+            f, h = trunk_router(c)
+            out.append(experts(h, f, cfg.domains[0], len(c["pixels"])))
+        return out
+
+    def routed(expert_of):  # the pipeline, with given experts (image i -> expert_of(i)); the router still runs
+        return lambda: [pipe.run_crops(items(c), experts=[expert_of(i) for i in c["images"]]) for c in calls]
 
     return {
         "f_bare_parts": bare,
         "a_single": single,
-        "b_one_domain": lambda: pipe.run_crops(items(), experts=[cfg.domains[0]] * batch),
-        "c_mixed": lambda: pipe.run_crops(items(), experts=[cfg.domains[i % len(cfg.domains)] for i in range(batch)]),
+        "b_one_domain": routed(lambda i: cfg.domains[0]),
+        "c_mixed": routed(lambda i: cfg.domains[i % len(cfg.domains)]),
         "d_two_encoders": lambda: (single(), single()),
         "e_dense": dense,
     }
@@ -165,10 +177,11 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
         for k in order:
             times[k].append(timed(work[k]))
     out = {"batch": batch, "crops": crops, "rounds": rounds, "cases": {}, "ratios": {}}
-    if pipe.unit != "crops":  # patch families: the point is the size mix; `crops` holds the call's patches
+    if pipe.unit != "crops":  # patch families: the point is the size mix; `crops` holds the batch's patches
         per_image, grids, _ = inputs(pipe, batch, crops, sizes)
-        out |= {"crops": int(sum(len(p) for p in per_image)), "sizes": [list(sizes[i % len(sizes)]) for i in range(batch)],
-                "grids": [list(g) for g in grids]}
+        counts = [len(p) for p in per_image]
+        out |= {"crops": int(sum(counts)), "sizes": [list(sizes[i % len(sizes)]) for i in range(batch)],
+                "grids": [list(g) for g in grids], "call_rows": pipe.call_rows, "calls": pipe.calls(counts)}
     for k, ts in times.items():
         out["cases"][k] = {"median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)), "all_ms": ts}
     for k in RATIOS:
@@ -188,7 +201,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         cell = lambda k: f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
-        lines.append(f"| {r['batch']} x {r['crops']} | {r['cases']['a_single']['median_ms']:.1f} | "
+        calls = f" ({len(r['calls'])} calls)" if len(r.get("calls", [])) > 1 else ""
+        lines.append(f"| {r['batch']} x {r['crops']}{calls} | {r['cases']['a_single']['median_ms']:.1f} | "
                      + " | ".join(cell(k) for k in RATIOS)
                      + f" | {r['orchestrator']['b_over_f']:.3f} ({r['orchestrator']['extra_ms']:+.2f}) |")
     return "\n".join(lines) + "\n"

@@ -239,6 +239,19 @@ class Adapter:
         else from the backbone's fields. Its output for one image: pixel_values [n_crops, 3, S, S]."""
         raise NotImplementedError
 
+    def fast_preprocessing(self, processor) -> bool:
+        """Whether fast_rows reproduces this processor config (False: the processor itself runs). Beyond what
+        preprocess.lookup_table checks (resize, rescale, normalise, no centre crop)."""
+        return False
+
+    def fast_rows(self, processor, image_size: tuple[int, int], px) -> tuple:
+        """The processor's geometry on uint8 pixels: (rows as processor(image) gives them, the grid or None).
+        `px` (preprocess.HostPixels, or preprocess_device.DevicePixels) holds the decoded RGB image of
+        image_size (height, width): resize(w, h) -> [h, w, 3] uint8 with the processor's filter, zeros(h, w),
+        stack, permute, repeat, and normalize (channels on axis 1 -> float32 through transformers' own rescale
+        and normalise arithmetic, one table per channel). The same bits as the processor on the PIL path."""
+        raise NotImplementedError
+
     def projector(self, bb: Backbone) -> nn.Module:
         """tokens [N, T, D] (after feature selection) -> [N, tokens_per_crop, D_llm]; tensor names as the
         snapshot's projector below its prefix."""

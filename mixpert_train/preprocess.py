@@ -1,6 +1,6 @@
-"""Image -> crops [n_crops, 3, S, S], with the family's own transformers PIL processor (offline, no torchvision)
-configured from the backbone (LLaVA-OV anyres, with a bit-identical fast path; InternVL's dynamic tiles); and image loading that turns every bad input into a one-line
-ImageError for that image alone."""
+"""Image -> rows (crops [n_crops, 3, S, S], or Qwen2-VL's patches), exactly as the family's own transformers PIL
+processor makes them (offline, no torchvision), with a bit-identical fast path for every family; and image loading
+that turns every bad input into a one-line ImageError for that image alone."""
 
 from __future__ import annotations
 
@@ -79,76 +79,94 @@ def load_image(src) -> Image.Image:
     return img.convert("RGB")
 
 
-class Preprocessor:
-    """Image -> crops [n_crops, 3, S, S] float32, as the family's transformers PIL processor computes them
-    (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil for InternVL): from the snapshot's own config where
-    the backbone carries one (what from_pretrained(snapshot) builds), else from the backbone's fields.
+class HostPixels:
+    """A decoded RGB image and the uint8 operations a family's fast path (Adapter.fast_rows) is written in, on the
+    host: PIL's resize with the processor's filter (or `resize`, e.g. torch's uint8 kernels), numpy for the rest,
+    and the lookup table for rescale + normalise."""
 
-    Fast path (LLaVA-OV anyres; `fast=True`, used whenever the config has nothing it does not reproduce; other
-    families run transformers' processor itself): two uint8 PIL resizes (the
-    anyres canvas and the base image, with the processor's resampling), zero padding and crops by slicing, then one
-    table lookup per channel that holds transformers' own arithmetic for each of the 256 byte values (float64
-    rescale, float32 cast, float32 (x - mean) / std): the same float32 bits, without its float64 image copies and
-    numpy <-> PIL round trips. tests/test_preprocess.py checks it bit for bit against the processor.
+    def __init__(self, image: Image.Image, resample, lut: np.ndarray, resize=None):
+        self.image, self.resample, self.lut, self._resize = image, resample, lut, resize
+
+    def resize(self, w: int, h: int) -> np.ndarray:
+        """[h, w, 3] uint8."""
+        return self._resize(w, h) if self._resize is not None else np.asarray(self.image.resize((w, h), self.resample))
+
+    def zeros(self, h: int, w: int) -> np.ndarray:
+        return np.zeros((h, w, 3), np.uint8)
+
+    stack = staticmethod(np.stack)
+
+    @staticmethod
+    def permute(x: np.ndarray, axes) -> np.ndarray:
+        return x.transpose(axes)
+
+    @staticmethod
+    def repeat(x: np.ndarray, n: int, axis: int) -> np.ndarray:
+        return np.repeat(x, n, axis=axis)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 with channels on axis 1 -> float32, contiguous, each byte through its channel's table."""
+        out = np.empty(x.shape, np.float32)
+        for c in range(x.shape[1]):  # bytes index a 256-entry table: "clip" never clips, and spares take's buffer
+            np.take(self.lut[c], x[:, c], out=out[:, c], mode="clip")
+        return out
+
+
+def lookup_table(p) -> np.ndarray | None:
+    """[3, 256] float32: byte value -> normalised value per channel, transformers' own arithmetic (float64 rescale,
+    float32 cast, float32 (x - mean) / std); None when the config has a step a table cannot hold."""
+    plain = p.do_resize and p.do_rescale and p.do_normalize and not getattr(p, "do_center_crop", False)
+    if not (plain and np.size(p.image_mean) == np.size(p.image_std) == 3):
+        return None
+    v = (np.arange(256, dtype=np.uint8).astype(np.float64) * p.rescale_factor).astype(np.float32)
+    mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
+    lut = ((v[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+    return lut if np.isfinite(lut).all() else None  # finite table: every crop it makes is finite
+
+
+class Preprocessor:
+    """Image -> rows (crops [n_crops, 3, S, S], or patches for Qwen2-VL) float32, as the family's transformers PIL
+    processor computes them (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil, Qwen2VLImageProcessorPil):
+    from the snapshot's own config where the backbone carries one (what from_pretrained(snapshot) builds), else
+    from the backbone's fields.
+
+    Fast path (`fast=True`, whenever the family's fast_rows reproduces the config; otherwise transformers'
+    processor itself runs): the family's geometry on uint8 (PIL resizes with the processor's filter, crops and
+    patches by slicing), then one table lookup per channel that holds transformers' own arithmetic for each of the
+    256 byte values: the same float32 bits, without its float64 image copies and numpy <-> PIL round trips.
+    tests/test_preprocess.py checks every family bit for bit against its processor.
 
     `device` ("cpu", "cuda"): the same geometry and table with torch's antialiased resize on that device
-    (preprocess_device.py); decoding stays on the host. Within 2 byte levels of the PIL path, not bit-identical;
-    on a GPU the crops come back as a tensor on it. tests/test_preprocess_device.py states and checks the tolerance."""
+    (preprocess_device.py); decoding stays on the host. Not bit-identical (tests/test_preprocess_device.py states
+    and checks the tolerance); on a GPU the rows come back as a tensor on it."""
 
     def __init__(self, backbone: Backbone, fast: bool = True, device: str | None = None, exact_uint8: bool | None = None):
         from .families import adapter_for
 
         self.backbone = backbone
-        self.processor = adapter_for(backbone).image_processor(backbone)  # transformers' own, from the snapshot
-        self.lut = self._lookup_table(self.processor) if fast else None
+        self.adapter = adapter_for(backbone)
+        self.processor = self.adapter.image_processor(backbone)  # transformers' own, from the snapshot
+        self.lut = (lookup_table(self.processor) if fast and self.adapter.fast_preprocessing(self.processor)
+                    else None)
         self.resizer = None
         if device is not None:  # resize (and on a GPU normalise) with torch on `device`; decode stays here
             from .preprocess_device import DeviceResizer
 
             if self.lut is None:
                 raise MixpertError("this processor config has steps only transformers' processor reproduces; "
-                                   "preprocess on the host (drop --preprocess-device; it serves LLaVA-OV's anyres only)")
+                                   "preprocess on the host (drop --preprocess-device)")
             self.resizer = DeviceResizer(device, self.processor.resample, exact_uint8)
 
-    @staticmethod
-    def _lookup_table(p) -> np.ndarray | None:
-        """[3, 256] float32: byte value -> normalised value per channel; None when the fast path does not apply."""
-        size = p.size
-        square = bool(size.height) and size.height == size.width
-        plain = p.do_resize and p.do_rescale and p.do_normalize and not getattr(p, "do_center_crop", False)
-        if not (square and plain and getattr(p, "image_grid_pinpoints", None) and len(p.image_mean) == len(p.image_std) == 3):
-            return None
-        v = (np.arange(256, dtype=np.uint8).astype(np.float64) * p.rescale_factor).astype(np.float32)
-        mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
-        lut = ((v[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
-        return lut if np.isfinite(lut).all() else None  # finite table: every crop it makes is finite
+    def pixels(self, image: Image.Image):
+        """The uint8 operations the family's fast path runs on: PIL on the host, or torch (preprocess_device)."""
+        if self.resizer is None:
+            return HostPixels(image, self.processor.resample, self.lut)
+        from .preprocess_device import DevicePixels
 
-    def _fast_crops(self, image: Image.Image) -> np.ndarray:
-        from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
-
-        p, S = self.processor, self.processor.size.height
-        w, h = image.size
-        bh, bw = select_best_resolution((h, w), p.image_grid_pinpoints)
-        nh, nw = get_patch_output_size(np.broadcast_to(np.uint8(0), (3, h, w)), (bh, bw), "channels_first")
-        if self.resizer is not None and not self.resizer.uint8:  # float interpolation: all of it on the device
-            from .preprocess_device import tiles_on_device
-
-            return tiles_on_device(self.resizer, image, self.lut, S, (bh, bw), (nh, nw))
-        if self.resizer is not None:  # torch's uint8 kernels on the CPU in place of PIL's resize
-            src = self.resizer.image(image)
-            resized = lambda w, h: self.resizer.resize(src, h, w).permute(1, 2, 0).numpy()  # noqa: E731
-        else:
-            resized = lambda w, h: np.asarray(image.resize((w, h), p.resample))  # noqa: E731
-        canvas = np.zeros((bh, bw, 3), np.uint8)  # transformers pads the anyres canvas with zeros, centred
-        y, x = (bh - nh) // 2, (bw - nw) // 2
-        canvas[y:y + nh, x:x + nw] = resized(nw, nh)
-        tiles = [resized(S, S)]  # the base image first, then the grid row by row
-        tiles += [canvas[i:i + S, j:j + S] for i in range(0, bh, S) for j in range(0, bw, S)]
-        out = np.empty((len(tiles), 3, S, S), np.float32)
-        for k, tile in enumerate(tiles):
-            for c in range(3):
-                np.take(self.lut[c], tile[..., c], out=out[k, c])
-        return out
+        if not self.resizer.uint8:  # float interpolation: all of it on the device
+            return DevicePixels(self.resizer, image, self.lut)
+        src = self.resizer.image(image)  # torch's uint8 kernels on the CPU in place of PIL's resize
+        return HostPixels(image, None, self.lut, lambda w, h: self.resizer.resize(src, h, w).permute(1, 2, 0).numpy())
 
     def crops(self, image: Image.Image):
         """[n_crops, 3, S, S] float32: numpy, or a torch tensor on the preprocessing device when that is not the CPU.
@@ -157,9 +175,10 @@ class Preprocessor:
 
     def rows(self, image: Image.Image) -> tuple:
         """(the image's rows: crops, or patches; its grid (t, h, w) in patches for patch families, else None)."""
-        if self.lut is not None:
-            return self._fast_crops(image.convert("RGB") if image.mode != "RGB" else image), None
         try:
+            if self.lut is not None:
+                image = image.convert("RGB") if image.mode != "RGB" else image
+                return self.adapter.fast_rows(self.processor, (image.height, image.width), self.pixels(image))
             out = self.processor(images=[image], return_tensors="np")
         except ValueError as e:  # e.g. Qwen2-VL's "absolute aspect ratio must be smaller than 200"
             raise ImageError(f"{image.width}x{image.height} px: {str(e).splitlines()[0]}") from None

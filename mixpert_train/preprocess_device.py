@@ -1,5 +1,5 @@
-"""Resizing and normalising on a torch device: the anyres geometry of Preprocessor with torch's antialiased
-interpolation in place of PIL's resize; decoding stays on the host.
+"""Resizing and normalising on a torch device: each family's fast geometry (Adapter.fast_rows) with torch's
+antialiased interpolation in place of PIL's resize; decoding stays on the host.
 
 - CPU: torch's uint8 antialiased kernels (vectorised, Pillow's separable filters with the same a=-0.5 cubic),
   several times faster than PIL's resize per core; the crops are then normalised by Preprocessor's own lookup
@@ -25,7 +25,7 @@ MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicub
 
 
 class DeviceResizer:
-    """image (PIL RGB) -> the base image and the anyres canvas resized on `device`."""
+    """image (PIL RGB) -> its resized copies on `device`, antialiased as PIL's resize."""
 
     def __init__(self, device: str | torch.device, resample: int, exact_uint8: bool | None = None):
         self.device = torch.device(device)
@@ -71,18 +71,36 @@ class DeviceResizer:
         return f(x.float(), size=(height, width), mode=self.mode, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def tiles_on_device(resizer: DeviceResizer, image: Image.Image, lut: np.ndarray, size: int,
-                    best: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
-    """[1 + gh * gw, 3, S, S] float32 on the device: the base image then the zero-padded canvas's grid, row by row,
-    each byte mapped through `lut` ([3, 256], Preprocessor's table)."""
-    (bh, bw), (nh, nw), S = best, inner, size
-    x = resizer.image(image)
-    canvas = torch.zeros((3, bh, bw), dtype=torch.uint8, device=resizer.device)
-    y0, x0 = (bh - nh) // 2, (bw - nw) // 2
-    canvas[:, y0:y0 + nh, x0:x0 + nw] = resizer.resize(x, nh, nw)
-    grid = canvas.view(3, bh // S, S, bw // S, S).permute(1, 3, 0, 2, 4).reshape(-1, 3, S, S)
-    tiles = torch.cat([resizer.resize(x, S, S)[None], grid])
-    table = torch.as_tensor(lut, device=resizer.device)
-    offsets = (torch.arange(3, device=resizer.device) * 256).view(1, 3, 1, 1)
-    return table.view(-1)[tiles.long() + offsets]
+class DevicePixels:
+    """preprocess.HostPixels' operations on a torch device (float interpolation, rounded to bytes as PIL's output
+    is): the image is copied to the device once, every resize, crop and the table lookup run there, and a family's
+    fast_rows returns a tensor on the device."""
 
+    def __init__(self, resizer: DeviceResizer, image: Image.Image, lut: np.ndarray):
+        self.resizer, self.device = resizer, resizer.device
+        self.src = resizer.image(image)
+        self.table = torch.as_tensor(lut, device=self.device)
+
+    def resize(self, w: int, h: int) -> torch.Tensor:
+        return self.resizer.resize(self.src, h, w).permute(1, 2, 0)
+
+    def zeros(self, h: int, w: int) -> torch.Tensor:
+        return torch.zeros((h, w, 3), dtype=torch.uint8, device=self.device)
+
+    @staticmethod
+    def stack(xs) -> torch.Tensor:
+        return torch.stack(list(xs))
+
+    @staticmethod
+    def permute(x: torch.Tensor, axes) -> torch.Tensor:
+        return x.permute(*axes)
+
+    @staticmethod
+    def repeat(x: torch.Tensor, n: int, axis: int) -> torch.Tensor:
+        return x.repeat_interleave(n, dim=axis)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 with channels on axis 1 -> float32 through the table, as one gather on the device."""
+        c = x.shape[1]
+        offsets = (torch.arange(c, device=self.device) * self.table.shape[1]).view(1, c, *[1] * (x.dim() - 2))
+        return self.table.view(-1)[x.long() + offsets].contiguous()

@@ -406,6 +406,15 @@ def test_map_overlaps_preprocessing_with_inference_and_stays_bounded(bundle):
     assert [r.index for r in [first] + rest] == list(range(2 * len(imgs)))
 
 
+def test_onnxruntime_cpu_parts_share_one_arena_that_is_given_back_after_each_run(pipes):
+    """The memory settings that keep a 7B patch-family bundle inside a 24 GiB host (figures in the backend's
+    comment): every part's session draws on the one environment arena, and every run shrinks it."""
+    be = pipes["onnxruntime"].backend
+    assert be.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    for name, sess in be.sessions.items():
+        assert sess.get_session_options().get_session_config_entry("session.use_env_allocators") == "1", name
+
+
 def test_map_runs_the_ready_images_instead_of_waiting_for_a_slow_one(bundle):
     """The engines never idle while a call could run: when the next image is still being prepared, map runs the
     images that are ready. Image 4 takes 0.6 s to preprocess; images 0-3 come back before it is ready, in one call."""
@@ -497,3 +506,19 @@ def test_cuda_preprocessing_feeds_the_gpu_backend_without_the_host(bundle, pipes
     dev = MixpertPipeline.from_engines(bundle, runtime=runtime, device="cuda", strategy="direct", preprocess_device="cuda")
     assert dev.describe()["preprocess"] == {"path": "torch float32 resize", "device": "cuda"}
     _tokens_agree(dev(imgs), pipes["onnxruntime"](imgs))
+
+
+def test_calls_are_the_grouping_map_makes(bundle, monkeypatch):
+    """pipe.calls (what the benchmarks run) groups images exactly as map() does when every image is ready."""
+    pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct", call_rows=9)
+    made = []
+    real = pipe.run_crops
+    monkeypatch.setattr(pipe, "run_crops", lambda batch, experts=None: (made.append([r.index for r, _ in batch]),
+                                                                         real(batch, experts)))
+    imgs = images()
+    res = list(pipe.map(imgs, workers=0))
+    assert all(r.ok for r in res)
+    counts = [r.crops for r in res]
+    assert pipe.calls(counts) == made and len(made) > 2  # several calls, one of them above the budget alone
+    assert any(counts[c[0]] > 9 for c in made if len(c) == 1)
+    assert pipe.calls([]) == []

@@ -1,6 +1,8 @@
-"""The fast anyres preprocessor against transformers' own LlavaOnevisionImageProcessorPil: identical float32 pixels
-(bit for bit, tolerance 0) over a corpus of sizes, aspect ratios, modes, file formats and resampling filters, on the
-tiny grid and on LLaVA-OV-7B's real 384-pixel 6x6 grid."""
+"""Each family's fast preprocessor against transformers' own processor for it (LlavaOnevisionImageProcessorPil,
+GotOcr2ImageProcessorPil as InternVL calls it, Qwen2VLImageProcessorPil): identical float32 rows and the same grid
+(bit for bit, tolerance 0) over a corpus of sizes, aspect ratios, modes, file formats, resampling filters and
+processor configs, on the tiny backbones and at real scale (LLaVA-OV-7B's 384-pixel 6x6 grid, InternVL2-8B's 448 px
+tiles up to 12 + thumbnail, Qwen2-VL-7B's 14 px patches within 56x56 .. 28x28x1280 pixels)."""
 
 import io
 
@@ -31,25 +33,50 @@ def encoded(w, h, mode, fmt, seed):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "llava-ov-7b"])
-@pytest.mark.parametrize("resample", [None, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS])
-def test_fast_path_is_bit_identical_to_transformers(backbone, resample):
-    bb = get_backbone(backbone)
-    fast = Preprocessor(bb)
-    if resample is not None:  # a snapshot's processor config with another filter
-        cfg = fast.processor.to_dict() | {"resample": int(resample)}
-        fast = Preprocessor(bb.replace(processor=cfg))
-    slow = Preprocessor(fast.backbone, fast=False)
-    assert fast.lut is not None and slow.lut is None
-    sizes = SIZES if backbone == "tiny" else [(768, 1024), (1920, 1080), (2000, 1500), (300, 170)]
-    cases = [(w, h, mode, fmt) for (w, h) in sizes for mode, fmt in (("RGB", "JPEG"), ("RGB", "PNG"))]
-    cases += [(200, 90, "L", "PNG"), (90, 200, "RGBA", "PNG"), (300, 170, "P", "PNG")]
+# processor configs a snapshot may carry besides the registry's: other filters, and each family's own knobs
+CONFIGS = {
+    "siglip": [{}, {"resample": int(Image.Resampling.BILINEAR)}, {"resample": int(Image.Resampling.LANCZOS)},
+               {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}],
+    "internvit": [{}, {"resample": int(Image.Resampling.BILINEAR)}, {"min_patches": 2, "max_patches": 6},
+                  {"crop_to_patches": False}, {"max_patches": 1}],
+    "qwen2vit": [{}, {"resample": int(Image.Resampling.BILINEAR)}, {"resample": int(Image.Resampling.LANCZOS)},
+                 {"size": {"shortest_edge": 4 * 28 * 28, "longest_edge": 300 * 28 * 28}, "image_mean": [0.5] * 3}],
+}
+TINY = ["tiny", "tiny-internvl", "tiny-qwen2-vl"]
+
+
+def compare(fast: Preprocessor, slow: Preprocessor, cases):
     for i, (w, h, mode, fmt) in enumerate(cases):
         img = load_image(encoded(w, h, mode, fmt, i))
-        want = slow.crops(img)
-        got = fast.crops(img)
-        assert got.dtype == np.float32 and got.shape == want.shape, (w, h, mode, fmt)
+        want, want_grid = slow.rows(img)
+        got, grid = fast.rows(img)
+        assert got.dtype == np.float32 and got.shape == want.shape and grid == want_grid, (w, h, mode, fmt)
         assert np.array_equal(got, want), (w, h, mode, fmt, float(np.abs(got - want).max()))
+
+
+@pytest.mark.parametrize("backbone", TINY + ["llava-ov-7b", "internvl2-8b", "qwen2-vl-7b"])
+def test_fast_path_is_bit_identical_to_transformers(backbone):
+    bb = get_backbone(backbone)
+    for changes in CONFIGS[bb.family]:  # a snapshot's processor config with another filter, tiling or bounds
+        fast = Preprocessor(bb)
+        if changes:
+            fast = Preprocessor(bb.replace(processor=fast.processor.to_dict() | changes))
+        slow = Preprocessor(fast.backbone, fast=False)
+        assert fast.lut is not None and slow.lut is None, changes
+        sizes = SIZES if backbone in TINY else [(768, 1024), (1920, 1080), (2000, 1500), (300, 170)]
+        cases = [(w, h, mode, fmt) for (w, h) in sizes for mode, fmt in (("RGB", "JPEG"), ("RGB", "PNG"))]
+        cases += [(200, 90, "L", "PNG"), (90, 200, "RGBA", "PNG"), (300, 170, "P", "PNG")]
+        compare(fast, slow, cases if not changes else cases[::3])
+
+
+def test_an_image_the_processor_refuses_is_a_one_line_error_on_the_fast_path_too():
+    from mixpert_train.preprocess import ImageError
+
+    for fast in (True, False):
+        pre = Preprocessor(get_backbone("tiny-qwen2-vl"), fast=fast)
+        with pytest.raises(ImageError) as e:
+            pre.prepare(encoded(4020, 20, "RGB", "PNG", 0))  # Qwen2-VL's processor: aspect ratio above 200
+        assert "aspect ratio" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_configs_the_fast_path_does_not_reproduce_fall_back_to_transformers():

@@ -1,10 +1,16 @@
 """Resize and normalise with torch (preprocess_device.py) against the PIL path, which is bit-identical to
-transformers' processor (tests/test_preprocess.py).
+transformers' processor (tests/test_preprocess.py), for every family's geometry (Adapter.fast_rows).
 
-Stated tolerance, from the corpus below (sizes up to 2000x1500, JPEG and PNG, smooth halves and noise halves):
-at most 4 byte levels on a resized pixel (4 / 255 / std after normalisation), on at most 5% of the values; the
-same for torch's uint8 CPU kernels and for the float32 arithmetic the CUDA path runs (checked here on the CPU).
-Measured 2026-11-25: 1 level (tiny grid), 4 levels (LLaVA-OV-7B grid, bicubic), under 3.1% of values differing."""
+Stated tolerance per family, from the corpus below (sizes up to 2000x1500, JPEG and PNG, smooth halves and noise
+halves), in byte levels of a resized pixel (1 level = 1 / 255 / std after normalisation); the same for torch's
+uint8 CPU kernels and for the float32 arithmetic the CUDA path runs (checked here on the CPU):
+- LLaVA-OV: at most 4 levels, on at most 5% of the values (measured 2026-11-25 and 2026-12-03: 1 level on the tiny
+  grid, 4 on the 7B grid with bicubic, at most 3.1% of values differing, at most 0.001% by more than 2 levels).
+- InternVL, Qwen2-VL: 1-2 levels on at most 15% of the values (measured 2026-12-03: up to 13.5% at 1920x1080 with
+  its noise half, under 1.5% on the other sizes), and on at most 1% of the values more (up to 26 levels measured,
+  0.62% of values): Pillow resamples one axis, rounds and clips to bytes, then the other, and on the near-equal
+  scale factors these families' resizes have (1920x1080 -> 1792x896 tiles, -> 1316x728 patches) torch's pass
+  order differs from Pillow's, so where a bicubic pass overshoots on noise the clipping lands differently."""
 
 import numpy as np
 import pytest
@@ -16,11 +22,13 @@ from mixpert_train.backbones import get_backbone
 from mixpert_train.errors import MixpertError
 from mixpert_train.preprocess import Preprocessor, load_image
 
-LEVELS, SHARE = 4, 0.05
+# family -> (most levels, share of values differing at all, share differing by more than 2 levels)
+TOLERANCE = {"siglip": (4, 0.05, 1e-5), "internvit": (26, 0.15, 0.01), "qwen2vit": (26, 0.15, 0.01)}
+TINY = ("tiny", "tiny-internvl", "tiny-qwen2-vl")
 
 
 def corpus(backbone: str):
-    sizes = SIZES if backbone == "tiny" else [(768, 1024), (1920, 1080), (2000, 1500), (300, 170)]
+    sizes = SIZES if backbone in TINY else [(768, 1024), (1920, 1080), (2000, 1500), (300, 170)]
     return [load_image(encoded(w, h, "RGB", fmt, i)) for i, (w, h) in enumerate(sizes) for fmt in ("JPEG", "PNG")]
 
 
@@ -32,20 +40,22 @@ def with_resample(bb, resample):
 def within_tolerance(host: Preprocessor, dev: Preprocessor, images) -> float:
     """Asserts the stated tolerance image by image; returns the largest difference in byte levels."""
     worst = 0.0
+    levels, share, share_over_2 = TOLERANCE[host.backbone.family]
     level = 1.0 / 255.0 / min(host.processor.image_std)  # one byte level after normalisation
     for img in images:
-        want = host.crops(img)
-        got = dev.crops(img)
+        want, want_grid = host.rows(img)
+        got, grid = dev.rows(img)
         got = got.cpu().numpy() if isinstance(got, torch.Tensor) else got
-        assert got.dtype == np.float32 and got.shape == want.shape, img.size
+        assert got.dtype == np.float32 and got.shape == want.shape and grid == want_grid, img.size
         diff = np.abs(got - want) / level
-        assert diff.max() <= LEVELS + 1e-3, (img.size, float(diff.max()))
-        assert (diff > 0.5).mean() <= SHARE, (img.size, float((diff > 0.5).mean()))
+        assert diff.max() <= levels + 1e-3, (img.size, float(diff.max()))
+        assert (diff > 0.5).mean() <= share, (img.size, float((diff > 0.5).mean()))
+        assert (diff > 2.5).mean() <= share_over_2, (img.size, float((diff > 2.5).mean()))
         worst = max(worst, float(diff.max()))
     return worst
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "llava-ov-7b"])
+@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b"])
 @pytest.mark.parametrize("resample", [None, Image.Resampling.BILINEAR])
 @pytest.mark.parametrize("exact_uint8", [True, False], ids=["uint8-cpu", "float32-as-on-cuda"])
 def test_torch_resize_is_within_the_stated_tolerance_of_the_pil_path(backbone, resample, exact_uint8):
@@ -53,7 +63,7 @@ def test_torch_resize_is_within_the_stated_tolerance_of_the_pil_path(backbone, r
     dev = Preprocessor(host.backbone, device="cpu", exact_uint8=exact_uint8)
     assert dev.describe()["path"].startswith("torch")
     worst = within_tolerance(host, dev, corpus(backbone))
-    assert worst >= 0.5 or resample is not None or backbone == "tiny"  # not silently the PIL path itself
+    assert worst >= 0.5  # not silently the PIL path itself
 
 
 def test_float_path_returns_a_tensor_on_its_device_and_numpy_on_the_uint8_path():
@@ -72,7 +82,7 @@ def test_filters_torch_has_no_antialiased_kernel_for_are_refused_in_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backbone", ["tiny", "llava-ov-7b"])
+@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b"])
 def test_cuda_preprocessing_is_within_the_stated_tolerance(backbone):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible on this machine)")

@@ -141,6 +141,17 @@ class MixpertPipeline:
             self.run_crops(batch)
         yield from waiting
 
+    def calls(self, rows: Sequence[int]) -> list[list[int]]:
+        """The calls map() makes when every image is ready: consecutive images (their row counts) while the call's
+        rows stay within call_rows; an image above it runs alone. For benchmarks that measure what the product runs."""
+        out, n = [[]], 0
+        for i, r in enumerate(rows):
+            if out[-1] and n + r > self.call_rows:
+                out, n = out + [[]], 0
+            out[-1].append(i)
+            n += r
+        return out if out[-1] else []
+
     def _prepared(self, images: Iterable, workers: int, prefetch: int):
         """(result, a future of its crops or None) in input order; with workers, made up to `prefetch` images
         ahead; without, each made here before it is yielded (so always done)."""

@@ -218,6 +218,25 @@ class InternVitAdapter(Adapter):
             max_patches=max(1, bb.max_grid_crops), image_mean=list(bb.image_mean), image_std=list(bb.image_std),
         )
 
+    def fast_preprocessing(self, p) -> bool:
+        return bool(p.size.height and p.size.width)
+
+    def fast_rows(self, p, image_size, px):
+        """GotOcr2's dynamic tiles: the image resized to the tile grid whose aspect ratio is closest to its own
+        (min..max tiles), cut into tiles row by row, then a thumbnail (the whole image at one tile) when there is
+        more than one tile; without crop_to_patches, one tile of the whole image."""
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        th, tw = p.size.height, p.size.width
+        if not (p.crop_to_patches and p.max_patches > 1):
+            return px.normalize(px.permute(px.stack([px.resize(tw, th)]), (0, 3, 1, 2))), None
+        cols, rows = get_optimal_tiled_canvas(tuple(image_size), (th, tw), p.min_patches, p.max_patches)
+        canvas = px.resize(tw * cols, th * rows)
+        tiles = [canvas[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(rows) for c in range(cols)]
+        if len(tiles) != 1:
+            tiles.append(px.resize(tw, th))
+        return px.normalize(px.permute(px.stack(tiles), (0, 3, 1, 2))), None
+
     def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
         """InternVLProcessor: its tokenizer's context image token in the prompt becomes start + context x (tokens a
         tile x tiles) + end (replace_image_token); the model fills the context positions."""

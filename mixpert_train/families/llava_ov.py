@@ -109,6 +109,23 @@ class SiglipAdapter(Adapter):
             image_mean=list(bb.image_mean), image_std=list(bb.image_std), do_convert_rgb=True,
         )
 
+    def fast_preprocessing(self, p) -> bool:
+        return bool(p.size.height) and p.size.height == p.size.width and bool(getattr(p, "image_grid_pinpoints", None))
+
+    def fast_rows(self, p, image_size, px):
+        """Anyres: the base image resized to S x S first, then the best-fit canvas (the image resized inside it,
+        centred, zero padding) cut into S x S crops row by row."""
+        from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+
+        S, (h, w) = p.size.height, image_size
+        bh, bw = select_best_resolution((h, w), p.image_grid_pinpoints)
+        nh, nw = get_patch_output_size(np.broadcast_to(np.uint8(0), (3, h, w)), (bh, bw), "channels_first")
+        canvas = px.zeros(bh, bw)
+        y, x = (bh - nh) // 2, (bw - nw) // 2
+        canvas[y:y + nh, x:x + nw] = px.resize(nw, nh)
+        tiles = [px.resize(S, S)] + [canvas[i:i + S, j:j + S] for i in range(0, bh, S) for j in range(0, bw, S)]
+        return px.normalize(px.permute(px.stack(tiles), (0, 3, 1, 2))), None
+
     def projector(self, bb: Backbone) -> nn.Module:
         return Projector(bb)
 

@@ -204,6 +204,22 @@ class Qwen2VitAdapter(Adapter):
                                         merge_size=v["spatial_merge_size"], image_mean=list(bb.image_mean),
                                         image_std=list(bb.image_std))
 
+    def fast_preprocessing(self, p) -> bool:
+        return bool(p.size.shortest_edge and p.size.longest_edge)
+
+    def fast_rows(self, p, image_size, px):
+        """smart_resize (sides multiples of patch x merge within the pixel bounds), then the flattened patches in
+        the merger's order: merge windows row by row, the merge x merge patches of a window consecutive, each patch
+        [C, temporal (the still image repeated), p, p]."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ps, m, t = p.patch_size, p.merge_size, p.temporal_patch_size
+        h, w = smart_resize(*image_size, factor=ps * m, min_pixels=p.size.shortest_edge, max_pixels=p.size.longest_edge)
+        gh, gw = h // ps, w // ps
+        x = px.resize(w, h).reshape(gh // m, m, ps, gw // m, m, ps, 3)
+        x = px.permute(x, (0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, 3, 1, ps, ps)  # uint8: a quarter of the copy
+        return px.repeat(px.normalize(x), t, axis=2).reshape(gh * gw, -1), (1, gh, gw)
+
     def pack(self, bb: Backbone, tokens, image_size, newline=None) -> np.ndarray:
         """Qwen2-VL puts an image's merged tokens at its <|image_pad|> positions as they are: [n_patches / 4, D]."""
         t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, np.float32)
