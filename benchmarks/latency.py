@@ -222,7 +222,7 @@ def plot(report: dict, path: Path) -> None:
     x = [f"{r['batch']}x{r['crops']}" for r in res]
     for k in CASES[:5]:
         ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", color=colors[k], label=labels[k])
-    ax1.set_xlabel("images x crops"), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
+    ax1.set_xlabel("images x " + ("patches" if report["results"] and "grids" in report["results"][0] else "crops")), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
     ax1.set_title("latency"), ax1.legend(fontsize=8)
     w = 0.8 / len(RATIOS)
     for i, k in enumerate(RATIOS):
