@@ -193,6 +193,12 @@ def get_backbone(name: str) -> Backbone:
         raise MixpertError(f"unknown backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
 
 
+def normalized_tiles(px, tiles: list):
+    """[h, w, 3] uint8 tiles (crops of one image) -> [n, 3, h, w] float32 through the processor's table, on px's
+    host or device (Adapter.fast_rows)."""
+    return px.normalize(px.permute(px.stack(tiles), (0, 3, 1, 2)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter seam: how to build one family's embeddings and layers, and where its tensors live.
 # ---------------------------------------------------------------------------------------------
