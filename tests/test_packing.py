@@ -93,6 +93,7 @@ def test_packed_cli_and_refusals(case, tmp_path, capsys):
         MixpertPipeline.from_engines(bundle, runtime="onnxruntime", packed=True, per_crop=True)
 
 
+@pytest.mark.parametrize("case", ["anyres_max_2"], indirect=True)  # one server: the case above the anyres budget
 def test_serve_packed_answers_the_embeddings(case, tmp_path):
     pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'mixpert-deploy[serve]'")
     import io
@@ -104,8 +105,7 @@ def test_serve_packed_answers_the_embeddings(case, tmp_path):
     from mixpert_export.serving.client import MixpertClient
 
     model, bundle = case
-    if model.config.vision_aspect_ratio != "anyres_max_2":
-        pytest.skip("one server is enough: the budget case")
+    assert model.config.vision_aspect_ratio == "anyres_max_2"
     with ServeProcess(bundle, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.01"]) as server:
         client = MixpertClient(server.url)
         for img in photos()[2:5]:
