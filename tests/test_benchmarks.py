@@ -114,3 +114,18 @@ def test_e2e_smoke_on_tiny(tmp_path):
         assert m["end_to_end"] >= 0.9 * max(m["preprocessing"], m["inference"])
         assert set(ov["latency_ms"]) == {"small.jpeg", "small.png", "768x1024.jpeg", "768x1024.png"}
     assert js.with_suffix(".png").stat().st_size > 10_000 and "crops/s per core" in js.with_suffix(".md").read_text()
+
+
+def test_e2e_preprocessing_only_for_a_patch_family(tmp_path):
+    """--preprocessing-only: any backbone's per-core figures without a bundle; Qwen2-VL's rows are patches, and its
+    patch counts are the processor's (a 320x240 image: smart_resize to 308x252 = 22 x 18 patches)."""
+    import e2e
+
+    out = tmp_path / "res"
+    assert e2e.main(["--backbone", "qwen2-vl-7b", "--preprocessing-only", "--rounds", "1", "--sizes", "small",
+                     "--out", str(out)]) == 0
+    (js,) = out.glob("preprocess_*_qwen2-vl-7b.json")
+    rep = json.loads(js.read_text())
+    assert rep["unit"] == "patches" and rep["overlap"] == {}
+    assert rep["per_core"]["crops"] == {"small.jpeg": 396, "small.png": 396}
+    assert "patches/s per core" in js.with_suffix(".md").read_text() and js.with_suffix(".png").stat().st_size > 5_000
