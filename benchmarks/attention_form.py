@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         build_bundle(model, bundle, runtime="onnxruntime", source=source)
     pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
-    per_image, grids, _ = inputs(pipe, len(sizes), 0, sizes)
+    per_image, grids = inputs(pipe, len(sizes), 0, sizes)
     counts = [len(p) for p in per_image]
     if sum(counts) > pipe.max_crops:
         print(f"error: the mix has {sum(counts)} patches, the bundle takes {pipe.max_crops} a call", file=sys.stderr)

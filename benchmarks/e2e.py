@@ -130,8 +130,7 @@ def overlap(pipe, mix, workers: int, rounds: int, path: str) -> dict:
     def single():  # the unsplit encoder on the same calls, with the per-row inputs a patch family's parts take
         for call in calls:
             px = np.concatenate([crops[i] for i in call])
-            rows = pipe.adapter.row_inputs(pipe.cfg.backbone, [prepared[i][2] for i in call]) if pipe.io["rows"] else {}
-            feeds = {"pixel_values": be.from_host(px)} | {k: be.from_host(v) for k, v in rows.items()}
+            feeds = {"pixel_values": be.from_host(px)} | pipe.row_feeds([prepared[i][2] for i in call])
             be.to_host(be.infer("single_encoder", feeds)["tokens"])
 
     def prep():

@@ -61,18 +61,17 @@ def slug(text: str) -> str:
 
 
 def inputs(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0):
-    """(rows per image, grids or Nones, per-row inputs of the call): random crops for crop families; for patch
-    families noise images of `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""
+    """(rows per image, grids or Nones): random crops for crop families; for patch families noise images of
+    `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     if pipe.unit == "crops":
         s = pipe.cfg.backbone.crop_size
-        return [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)], [None] * batch, {}
+        return [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)], [None] * batch
     made = [pipe.preprocess.rows(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
             for w, h in (sizes[i % len(sizes)] for i in range(batch))]
-    grids = [g for _, g in made]
-    return [px for px, _ in made], grids, pipe.adapter.row_inputs(pipe.cfg.backbone, grids)
+    return [px for px, _ in made], [g for _, g in made]
 
 
 def cases(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0) -> dict:
@@ -81,15 +80,14 @@ def cases(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0
     images up to their call budget, since a call attends over all its patches), so every case pays what the product
     pays, the single encoder included."""
     be, cfg = pipe.backend, pipe.cfg
-    per_image, grids, _ = inputs(pipe, batch, crops, sizes, seed)
+    per_image, grids = inputs(pipe, batch, crops, sizes, seed)
     merge = pipe.io["merge"]
     calls = [{"images": idx, "pixels": np.concatenate([per_image[i] for i in idx]),
               "pool": pool_matrix([len(per_image[i]) for i in idx]), "grids": [grids[i] for i in idx]}
              for idx in pipe.calls([len(px) for px in per_image])]
 
     def feeds(c):  # per-row inputs computed on every call as the pipeline does (the single encoder needs them too)
-        rows = pipe.adapter.row_inputs(cfg.backbone, c["grids"]) if pipe.io["rows"] else {}
-        return {"pixel_values": be.from_host(c["pixels"])} | {k: be.from_host(v) for k, v in rows.items()}
+        return {"pixel_values": be.from_host(c["pixels"])} | pipe.row_feeds(c["grids"])
 
     def items(c):
         out = []
@@ -178,7 +176,7 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
             times[k].append(timed(work[k]))
     out = {"batch": batch, "crops": crops, "rounds": rounds, "cases": {}, "ratios": {}}
     if pipe.unit != "crops":  # patch families: the point is the size mix; `crops` holds the batch's patches
-        per_image, grids, _ = inputs(pipe, batch, crops, sizes)
+        per_image, grids = inputs(pipe, batch, crops, sizes)
         counts = [len(p) for p in per_image]
         out |= {"crops": int(sum(counts)), "sizes": [list(sizes[i % len(sizes)]) for i in range(batch)],
                 "grids": [list(g) for g in grids], "call_rows": pipe.call_rows, "calls": pipe.calls(counts)}
@@ -222,7 +220,8 @@ def plot(report: dict, path: Path) -> None:
     x = [f"{r['batch']}x{r['crops']}" for r in res]
     for k in CASES[:5]:
         ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", color=colors[k], label=labels[k])
-    ax1.set_xlabel("images x " + ("patches" if report["results"] and "grids" in report["results"][0] else "crops")), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
+    unit = "patches" if res and "grids" in res[0] else "crops"
+    ax1.set_xlabel(f"images x {unit}"), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
     ax1.set_title("latency"), ax1.legend(fontsize=8)
     w = 0.8 / len(RATIOS)
     for i, k in enumerate(RATIOS):

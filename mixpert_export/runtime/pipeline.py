@@ -199,14 +199,20 @@ class MixpertPipeline:
         with self._serial:  # static buffers (CUDA-graph path) hold one call at a time
             self._run_crops(batch, experts)
 
+    def row_feeds(self, grids: Sequence) -> dict:
+        """Patch families: a call's per-row inputs (positions, which image) from its images' grids, on the backend;
+        every part takes them, the single encoder too. {} for crop families."""
+        if not self.io["rows"]:
+            return {}
+        return {k: self.backend.from_host(v) for k, v in self.adapter.row_inputs(self.cfg.backbone, grids).items()}
+
     def _run_crops(self, batch, experts) -> None:
         be = self.backend
         t0 = time.perf_counter()
         counts = [len(px) for _, px in batch]
         pixels = concat_crops([px for _, px in batch])
-        # patch families: per-row inputs (positions, which image) from the grids, gathered with the rows per expert
-        rows = {k: be.from_host(v) for k, v in
-                self.adapter.row_inputs(self.cfg.backbone, [res.grid for res, _ in batch]).items()} if self.io["rows"] else {}
+        # patch families' per-row inputs, gathered with each expert's rows
+        rows = self.row_feeds([res.grid for res, _ in batch]) if self.io["rows"] else {}
         hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)} | rows)["hidden"]
         self._count("trunk")
         pool = pool_matrix(counts, per_crop=self.per_crop)
