@@ -36,7 +36,7 @@ def mixed_images(n: int = 40, seed: int = 0) -> list[bytes]:
     from mixpert_train.data import synthetic
 
     rng = np.random.default_rng(seed)
-    makers = [synthetic.chart, synthetic.doc, synthetic.math, synthetic.ocr, synthetic.general]
+    makers = [lambda rng, d=d: synthetic.sample(d, rng)[0] for d in synthetic.SWAPS]
     sizes = [(64, 64), (128, 64), (64, 128), (160, 120), (200, 200)]
     out = []
     for i in range(n):

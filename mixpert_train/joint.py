@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .backbones import get_backbone
 from .data.manifest import read_manifest
+from .errors import MixpertError
 from .loop import Dist, adamw_cosine, steps_for
 from .model import MixpertConfig
 from .mllm import (answer_scores, batches, build_tokenizer, is_vision_parameter, load_items, reference_crop_tokens,
@@ -36,6 +37,9 @@ class JointConfig:
     warmup: float = 0.05
     seed: int = 0
     strict: bool = False
+    # Train on these domains only (None: all). The miniature's probe "that domain alone from the pre-joint start":
+    # the same recipe and start, one domain's data; the vocabulary stays the whole data's, so ids are shared.
+    domains: tuple | None = None
 
 
 def stage_done(out: Path) -> bool:
@@ -57,6 +61,11 @@ def run_joint(data: str | Path, out: str | Path, cfg: JointConfig = JointConfig(
     tokenizer = build_tokenizer(vocab_text)  # a closed vocabulary of the data's words (no labels are learnt from it)
     llava = tiny_mllm(bb, len(tokenizer), seed=cfg.seed)
     pre = Preprocessor(bb)
+    if cfg.domains is not None:
+        unknown = [d for d in cfg.domains if d not in domains]
+        if unknown:
+            raise MixpertError(f"--domains {' '.join(unknown)}: not among {cfg.backbone}'s domains ({', '.join(domains)})")
+        train = [s for s in train if s.domain in cfg.domains]
     items = load_items(train, pre, tokenizer, cfg.strict, log)
     vision = [p for n, p in llava.named_parameters() if is_vision_parameter(llava, n)]
     rest = [p for n, p in llava.named_parameters() if not is_vision_parameter(llava, n)]

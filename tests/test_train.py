@@ -18,7 +18,7 @@ from mixpert_train.experts import ExpertConfig, run_experts
 from mixpert_train.joint import JointConfig, run_joint
 from mixpert_train.router import RouterConfig, run_router
 
-FAST_EXPERTS = ExpertConfig(epochs=1, batch=8, micro_batch=4, lr_projector=1e-3, lr_vision=1e-3)
+FAST_EXPERTS = ExpertConfig(epochs=1, batch=8, micro_batch=4, lr_projector=1e-3, lr_vision=1e-3, select_on_val=False)
 
 
 @pytest.fixture(scope="module")
