@@ -92,7 +92,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
     if domain_only:
         missing = [d for d in cfg.domains if d not in domain_only and np.any(domain == d)]
         if missing:
-            raise MixpertError(f"domain_only lacks a model for {', '.join(missing)}")
+            raise MixpertError(f"--domain-alone: no model for {', '.join(missing)}; pass DOMAIN=SNAPSHOT for every domain")
         correct[DOMAIN_ONLY] = np.zeros(n, bool)
         for d, snap in domain_only.items():
             own = np.flatnonzero(domain == d)

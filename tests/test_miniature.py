@@ -196,3 +196,19 @@ def test_two_fresh_joint_runs_are_bit_identical(data, tmp_path):
         subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / name)], check=True, capture_output=True)
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_control_and_eval_flags(data, joint, tmp_path, capsys):
+    from mixpert_train.__main__ import main
+
+    assert main(["control", "--data", str(data), "--joint", str(joint), "--out", str(tmp_path / "c"), "--batch", "8",
+                 "--micro-batch", "4", "--steps", "2", "--quiet"]) == 0
+    meta = read_checkpoint_meta(tmp_path / "c")["extra"]
+    assert meta["stage"] == "control" and meta["history"]["mixed"]["steps"] == 2
+    assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "ev"),
+                 "--domain-alone", "chart", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --domain-alone 'chart': write DOMAIN=SNAPSHOT, e.g. chart=runs/demo/domain-alone/chart"
+    assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "ev"),
+                 "--domain-alone", f"chart={joint}", "--quiet"]) == 2
+    assert "--domain-alone: no model for doc, math, ocr, general; pass DOMAIN=SNAPSHOT for every domain" in capsys.readouterr().err

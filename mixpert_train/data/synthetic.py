@@ -5,7 +5,7 @@ Every image, whatever its domain, is one coloured shape (circle, square or trian
 a pale page, and every question is the same: "which colour ?". The answer names the shape's colour in the domain's
 own legend: each domain agrees with the plain colour names on four of the six colours and swaps the other two
 (chart swaps red and green, doc blue and yellow, ...). What tells the domains apart is only the page: a faint ruling
-(horizontal, vertical, grid, dots, diagonal) and a slight tint (white, cream, blue, pink, green), 10 to 16
+(horizontal, vertical, grid, dots, diagonal) and a slight tint (grey, cream, blue, pink, green), 8 to 16
 levels of 255 apart.
 
 So the domains share most of what they need (seeing and naming a colour) and conflict on the rest: for a red shape,
@@ -35,7 +35,7 @@ SWAPS = {"chart": ("red", "green"), "doc": ("blue", "yellow"), "math": ("purple"
          "general": ("green", "purple")}
 # The page: a faint ruling and a slight tint (RGB of the paper) per domain.
 PAGES = {"chart": ("horizontal", (248, 248, 248)), "doc": ("vertical", (252, 246, 236)),
-         "math": ("grid", (238, 245, 252)), "ocr": ("dots", (252, 238, 246)), "general": ("diagonal", (240, 250, 240))}
+         "math": ("grid", (238, 245, 252)), "ocr": ("dots", (248, 240, 244)), "general": ("diagonal", (240, 250, 240))}
 DESIGN = {"name": "one scene, five readings", "question": QUESTION, "colours": list(COLOURS),
           "legend_swaps": {d: list(p) for d, p in SWAPS.items()},
           "pages": {d: {"ruling": r, "tint": list(t)} for d, (r, t) in PAGES.items()}, "image_size": SIZE}
