@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             run_joint(data, where, JointConfig(epochs=a.joint_epochs, seed=a.seed, domains=(d,)), progress=False)
         times["domain alone"] = time.perf_counter() - t
 
-        reports = []
+        reports, answers = [], {}  # whole-MLLM answers (joint, domain alone) do not change across seeds
         for seed in range(a.seed, a.seed + a.seeds):
             sfx = "" if seed == a.seed else f"-seed{seed}"
             e_dir, c_dir, f_dir, v_dir = (out / f"{x}{sfx}" for x in ("experts", "control", "mixpert", "eval"))
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
                 reports.append(json.loads((v_dir / "eval.json").read_text()))
                 print(f"reusing {v_dir / 'eval.json'}")
             else:
-                reports.append(run_eval(data, f_dir, v_dir, log=lambda s: None, control=c_dir, domain_only=alone))
+                reports.append(run_eval(data, f_dir, v_dir, log=lambda s: None, control=c_dir, domain_only=alone,
+                                        cache=answers))
             reports[-1]["seed"] = seed
             times["eval"] = times.get("eval", 0) + time.perf_counter() - t
         report = reports[0]

@@ -61,10 +61,21 @@ def mllm_correct(llava, items, backbone, batch: int = 16) -> np.ndarray:
 @torch.no_grad()
 def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None = None, split: str = "test",
              taus=TAUS, batch: int = 16, control: str | Path | None = None, domain_only: dict | None = None,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, cache: dict | None = None) -> dict:
     """The report of one Mixpert checkpoint on `split`. `control`: a run_control checkpoint (its versatile expert is
     the Table 7 control); `domain_only`: domain -> the snapshot trained on that domain alone (the joint stage with
-    --domains), each answering its own domain's images."""
+    --domains), each answering its own domain's images. `cache`: a dict kept across calls (the demo's seeds) that
+    holds whole-MLLM answers (joint, domain alone), which do not change with the experts."""
+    def answers(snapshot: Path, key: str, picked: list):
+        k = (str(Path(snapshot).resolve()), str(data.resolve()), split, key)
+        if cache is not None and k in cache:
+            return cache[k]
+        llm = llava if snapshot == joint else load_language_model(Path(snapshot))
+        got = mllm_correct(llm, picked, cfg.backbone, batch)
+        if cache is not None:
+            cache[k] = got
+        return got
+
     data, checkpoint = Path(data), Path(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     joint = Path(joint or meta.get("extra", {}).get("joint", ""))
@@ -87,7 +98,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
         for e, ex in [(e, model.experts[e]) for e in experts] + ([(CONTROL, ctrl)] if ctrl is not None else []):
             _, ok = answer_scores(llava, list(ex(hidden, *rows).split(out)), part)
             correct[e][lo:lo + len(part)] = ok.numpy()
-    correct[JOINT] = mllm_correct(llava, items, cfg.backbone, batch)  # transformers' own vision path: the joint model
+    correct[JOINT] = answers(joint, "all", items)  # transformers' own vision path: the joint model
     domain = np.array([it.sample.domain for it in items])
     if domain_only:
         missing = [d for d in cfg.domains if d not in domain_only and np.any(domain == d)]
@@ -96,7 +107,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
         correct[DOMAIN_ONLY] = np.zeros(n, bool)
         for d, snap in domain_only.items():
             own = np.flatnonzero(domain == d)
-            correct[DOMAIN_ONLY][own] = mllm_correct(load_language_model(Path(snap)), [items[i] for i in own], cfg.backbone, batch)
+            correct[DOMAIN_ONLY][own] = answers(Path(snap), d, [items[i] for i in own])
 
     def accuracy(chosen: list[str]) -> tuple[dict, np.ndarray]:
         hit = np.array([correct[e][i] for i, e in enumerate(chosen)], dtype=bool)
@@ -181,10 +192,11 @@ def markdown(report: dict, domains) -> str:
 
 
 def run_eval(data, checkpoint, out, joint=None, split="test", progress=True, log=print, control=None,
-             domain_only=None) -> dict:
+             domain_only=None, cache=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(data, checkpoint, joint, split, progress=progress, log=log, control=control, domain_only=domain_only)
+    report = evaluate(data, checkpoint, joint, split, progress=progress, log=log, control=control, domain_only=domain_only,
+                      cache=cache)
     domains = load_checkpoint_domains(checkpoint)
     write_json(out / "eval.json", report)
     md = markdown(report, domains)

@@ -33,10 +33,21 @@ class RouterConfig:
 
 
 @torch.no_grad()
-def pooled_features(model, samples, strict=False, log=print) -> tuple[torch.Tensor, np.ndarray]:
-    """[N, D] trunk features averaged over every token of every crop of each image, and the domain labels."""
+def pooled_features(model, samples, strict=False, log=print, batch: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """[N, D] trunk features averaged over every token of every crop of each image, and the domain labels. Crop
+    families run the trunk on `batch` images' crops at once; patch families one image a call (its own positions)."""
     pre = Preprocessor(model.cfg.backbone)
-    feats, labels, skipped = [], [], 0
+    ad = adapter_for(model.cfg.backbone)
+    feats, labels, skipped, pending = [], [], 0, []
+
+    def flush():
+        if pending:
+            h = model.trunk(torch.from_numpy(np.concatenate([c for c, _ in pending])))
+            for part in h.split([len(c) for c, _ in pending]):
+                feats.append(part.reshape(-1, part.shape[-1]).mean(dim=0))  # every token of every crop of the image
+            labels.extend(lab for _, lab in pending)
+            pending.clear()
+
     for s in samples:
         try:
             crops, grid = pre.rows(load_image(s.image))
@@ -45,10 +56,17 @@ def pooled_features(model, samples, strict=False, log=print) -> tuple[torch.Tens
                 raise MixpertError(f"{e} (run without --strict to skip bad images)") from None
             skipped += 1
             continue
-        rows = adapter_for(model.cfg.backbone).row_inputs(model.cfg.backbone, [grid]) if grid else {}
+        label = model.cfg.domains.index(s.domain)
+        if ad.rows == "crops":
+            pending.append((crops, label))
+            if len(pending) == batch:
+                flush()
+            continue
+        rows = ad.row_inputs(model.cfg.backbone, [grid])
         h = model.trunk(torch.from_numpy(crops), *(torch.from_numpy(v) for v in rows.values()))
-        feats.append(h.reshape(-1, h.shape[-1]).mean(dim=0))  # every token of every crop (or patch) of the image
-        labels.append(model.cfg.domains.index(s.domain))
+        feats.append(h.reshape(-1, h.shape[-1]).mean(dim=0))  # every patch of the image
+        labels.append(label)
+    flush()
     if skipped:
         log(f"router: skipped {skipped} unreadable image(s)")
     return torch.stack(feats), np.array(labels)

@@ -205,6 +205,7 @@ def test_cli_control_and_eval_flags(data, joint, tmp_path, capsys):
                  "--micro-batch", "4", "--steps", "2", "--quiet"]) == 0
     meta = read_checkpoint_meta(tmp_path / "c")["extra"]
     assert meta["stage"] == "control" and meta["history"]["mixed"]["steps"] == 2
+    capsys.readouterr()  # transformers' loading bars
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "ev"),
                  "--domain-alone", "chart", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
