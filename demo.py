@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="engines/demo")
     ap.add_argument("--n-per-domain", type=int, default=DEFAULT_N, help="images a domain at --scale 1")
     ap.add_argument("--scale", type=int, default=1, help="x more images a domain (same epochs): a stronger, slower run")
-    ap.add_argument("--joint-epochs", type=int, default=6, help="joint SFT and each domain-alone model (the joint plateaus on the shared colours by 5)")
+    ap.add_argument("--joint-epochs", type=int, default=6, help="joint SFT and each domain-alone model (the joint reaches the shared colours, 4/6, by epoch 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=3, help="expert tuning + control + router + eval repeated with this many seeds")
     a = ap.parse_args(argv)

@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import platform
 import socket
 import subprocess
@@ -130,7 +131,8 @@ class ServeProcess:
                 "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
                 "--metrics-port", str(self.ports["metrics"]), *self.extra]
         out = open(self.log, "a") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # its own process group, so stop() can end the Triton server it starts too, whatever state serve is in
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         client = MixpertClient(self.url)
         t0 = time.time()
         while not client.ready():
@@ -149,6 +151,11 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc:  # a tritonserver left behind by a slow or killed shutdown would keep answering on the ports
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def __enter__(self):
         return self.start()

@@ -64,7 +64,7 @@ def test_pool_matrix():
 def test_router_pools_all_tokens_of_all_crops_of_each_image():
     model = build_model(tiny_cfg(), seed=1)
     torch.manual_seed(0)
-    hidden = torch.randn(5, 64, 192)
+    hidden = torch.randn(5, 16, 192)  # tiny: 16 tokens a crop
     scores = model.router(hidden, torch.from_numpy(pool_matrix([3, 2])))
     r = model.router  # independent: concatenate the tokens of an image's crops and average them once
     for b, (lo, hi) in enumerate([(0, 3), (3, 5)]):
@@ -83,7 +83,7 @@ def test_split_depths(k):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model.experts["math"](model.trunk(x))
-    assert out.shape == (2, 64, 256)
+    assert out.shape == (2, 16, 256)  # tiny: 64 px crops of 16 px patches
 
 
 def test_bad_split_is_refused():

@@ -86,7 +86,7 @@ def test_repository_configs_parse_and_name_the_onnx_tensors(bundle, tmp_path, pl
     assert cfg.backend == "python" and cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
     assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in cfg.input] == [("image", "TYPE_STRING", [1])]
     outs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output}
-    assert outs == {"tokens": ("TYPE_FP32", [-1, 64, 256]), "expert": ("TYPE_STRING", [1]),
+    assert outs == {"tokens": ("TYPE_FP32", [-1, 16, 256]), "expert": ("TYPE_STRING", [1]),
                     "scores": ("TYPE_FP32", [5]), "crops": ("TYPE_INT32", [1]), "error": ("TYPE_STRING", [1])}
     assert set(json.loads(cfg.parameters["part_models"].string_value).values()) == {f"mixpert_{p}" for p in parts}
     assert (repo / "mixpert" / "1" / "model.py").is_file() and (repo / "mixpert" / "1" / "manifest.json").is_file()
