@@ -99,7 +99,8 @@ def findings_text(reports: list[dict], domains) -> str:
     lines.append("")
     for k, text in said.items():
         held = f[k]
-        word = "HOLDS in every seed" if all(held) else f"does NOT hold in seed(s) {[i for i, h in enumerate(held) if not h]}"
+        failed = [r.get("seed", i) for i, (r, h) in enumerate(zip(reports, held)) if not h]
+        word = "HOLDS in every seed" if all(held) else f"does NOT hold in seed(s) {failed}"
         lines.append(f"- Finding {k}: {text}: {word}.")
     lines.append("\nA designed conflict on synthetic images at minutes of CPU training: a controlled experiment on the "
                  "mechanism, not a claim about real data or a reproduction of the paper's numbers.")

@@ -66,6 +66,14 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
     the Table 7 control); `domain_only`: domain -> the snapshot trained on that domain alone (the joint stage with
     --domains), each answering its own domain's images. `cache`: a dict kept across calls (the demo's seeds) that
     holds whole-MLLM answers (joint, domain alone), which do not change with the experts."""
+    data, checkpoint = Path(data), Path(checkpoint)
+    meta = read_checkpoint_meta(checkpoint)
+    joint = Path(joint or meta.get("extra", {}).get("joint", ""))
+    model = load_checkpoint(checkpoint)
+    cfg = model.cfg
+    llava = load_language_model(joint)
+    tokenizer = load_tokenizer(joint)
+    items = load_items(read_manifest(data / f"{split}.jsonl", cfg.domains), Preprocessor(cfg.backbone), tokenizer, log=log)
     def answers(snapshot: Path, key: str, picked: list):
         k = (str(Path(snapshot).resolve()), str(data.resolve()), split, key)
         if cache is not None and k in cache:
@@ -76,14 +84,6 @@ def evaluate(data: str | Path, checkpoint: str | Path, joint: str | Path | None 
             cache[k] = got
         return got
 
-    data, checkpoint = Path(data), Path(checkpoint)
-    meta = read_checkpoint_meta(checkpoint)
-    joint = Path(joint or meta.get("extra", {}).get("joint", ""))
-    model = load_checkpoint(checkpoint)
-    cfg = model.cfg
-    llava = load_language_model(joint)
-    tokenizer = load_tokenizer(joint)
-    items = load_items(read_manifest(data / f"{split}.jsonl", cfg.domains), Preprocessor(cfg.backbone), tokenizer, log=log)
     t0 = time.perf_counter()
     n, experts = len(items), list(cfg.experts)
     ctrl = load_checkpoint(control).experts[VERSATILE] if control else None

@@ -157,7 +157,7 @@ def tune_expert(expert, llava, items, hidden, cfg: ExpertConfig, backbone, steps
             **({"kept_step": best[1], "kept_val_acc": best[0]} if best is not None else {})}
 
 
-def _prepare(data: Path, joint: Path, model, cfg: ExpertConfig, log):
+def _prepare(data: Path, joint: Path, model, cfg: ExpertConfig):
     llava = load_language_model(joint)
     tokenizer = load_tokenizer(joint)
     pre = Preprocessor(model.cfg.backbone)
@@ -186,7 +186,7 @@ def run_experts(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
     if not todo:
         log(f"experts: {out} has every expert tuned, reusing it (delete it to retune)")
         return out
-    llava, tokenizer, pre, train, val = _prepare(data, joint, model, cfg, log)
+    llava, tokenizer, pre, train, val = _prepare(data, joint, model, cfg)
     bb = model.cfg.backbone
     for domain in todo:
         items = load_items([s for s in train if s.domain == domain], pre, tokenizer, cfg.strict, log)
@@ -225,7 +225,7 @@ def run_control(data: str | Path, joint: str | Path, out: str | Path, cfg: Exper
     check_target(out, CHECKPOINT, sources={"--data": data, "--joint": joint})
     dist = Dist()
     model = model_from_snapshot(joint, joint_backbone(joint), expert_layers=cfg.expert_layers)
-    llava, tokenizer, pre, train, val = _prepare(data, joint, model, cfg, log)
+    llava, tokenizer, pre, train, val = _prepare(data, joint, model, cfg)
     bb = model.cfg.backbone
     items = load_items(train, pre, tokenizer, cfg.strict, log)
     if steps is None:
