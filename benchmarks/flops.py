@@ -67,7 +67,7 @@ def _points(cfg, crops_list, sizes):
         return
     pre = Preprocessor(bb)
     for w, h in sizes:
-        px, grid = pre.rows(Image.new("RGB", (w, h)))
+        px, grid = pre.pixel_values(Image.new("RGB", (w, h)))
         rows = tuple(torch.from_numpy(v).to("meta") for v in ad.row_inputs(bb, [grid]).values())
         yield f"{w}x{h}", torch.empty(px.shape, device="meta"), rows, len(px)
 

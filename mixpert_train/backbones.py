@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import nn
 
 from .errors import MixpertError
@@ -194,10 +195,9 @@ def get_backbone(name: str) -> Backbone:
         raise MixpertError(f"unknown backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))}") from None
 
 
-def normalized_tiles(px, tiles: list):
-    """[h, w, 3] uint8 tiles (crops of one image) -> [n, 3, h, w] float32 through the processor's table, on px's
-    host or device (Adapter.fast_rows)."""
-    return px.normalize(px.permute(px.stack(tiles), (0, 3, 1, 2)))
+def stacked_tiles(px, tiles: list):
+    """[h, w, 3] uint8 tiles (crops of one image) -> [n, 3, h, w] uint8, on px's host or device (Adapter.fast_rows)."""
+    return px.permute(px.stack(tiles), (0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,12 +252,27 @@ class Adapter:
         return False
 
     def fast_rows(self, processor, image_size: tuple[int, int], px) -> tuple:
-        """The processor's geometry on uint8 pixels: (rows as processor(image) gives them, the grid or None).
-        `px` (preprocess.HostPixels, or preprocess_device.DevicePixels) holds the decoded RGB image of
+        """The processor's geometry on uint8 pixels: (the image's uint8 rows in io()["pixels"]' layout, the grid or
+        None). `px` (preprocess.HostPixels, or preprocess_device.DevicePixels) holds the decoded RGB image of
         image_size (height, width): resize(w, h) -> [h, w, 3] uint8 with the processor's filter, zeros(h, w),
-        stack, permute, repeat, and normalize (channels on axis 1 -> float32 through transformers' own rescale
-        and normalise arithmetic, one table per channel). The same bits as the processor on the PIL path."""
+        stack, permute, repeat. The rows' bytes, each through its channel's table (pixel_channels) and then
+        unpack_pixels, are the same bits as the processor's output on the PIL path."""
         raise NotImplementedError
+
+    def pixel_channels(self, bb: Backbone) -> np.ndarray:
+        """The channel of every byte of one row of io()["pixels"] (the row's shape without its leading axis, or
+        one that broadcasts to it): which of the processor's per-channel tables turns that byte into its value."""
+        c = int(bb.vision.get("num_channels", 3))
+        return np.arange(c, dtype=np.int64).reshape(c, 1, 1)
+
+    def unpack_pixels(self, bb: Backbone, x):
+        """Normalised rows in io()["pixels"]' layout (numpy, or torch inside a part's graph) -> the tower's input,
+        as transformers' processor lays out its pixel_values. Crops: as they are."""
+        return x
+
+    def pack_pixels(self, bb: Backbone, x: np.ndarray) -> np.ndarray:
+        """unpack_pixels' inverse on the processor's pixel_values (numpy): the rows' layout. Crops: as they are."""
+        return x
 
     def projector(self, bb: Backbone) -> nn.Module:
         """tokens [N, T, D] (after feature selection) -> [N, tokens_per_crop, D_llm]; tensor names as the
@@ -273,10 +288,11 @@ class Adapter:
         return None
 
     def io(self, bb: Backbone) -> dict:
-        """The parts' tensors, shapes with named axes: pixels in, per-row inputs, hidden, tokens out, and
-        `merge`: input rows per output row of an expert (1: a crop gives a crop's tokens)."""
+        """The parts' tensors, shapes with named axes: pixels in (the resized image's bytes, uint8: the graph
+        normalises them, see model.PixelInput), per-row inputs, hidden, tokens out, and `merge`: input rows per
+        output row of an expert (1: a crop gives a crop's tokens)."""
         c, s = int(bb.vision.get("num_channels", 3)), bb.crop_size
-        return {"pixels": (("crops", c, s, s), "float32"), "rows": (),
+        return {"pixels": (("crops", c, s, s), "uint8"), "rows": (),
                 "hidden": ("crops", bb.hidden_tokens, bb.hidden_size),
                 "tokens": ("crops", bb.tokens_per_crop, bb.llm_hidden_size), "merge": 1}
 

@@ -96,7 +96,7 @@ def load_items(samples: list[Sample], pre: Preprocessor, tokenizer, strict: bool
     for s in samples:
         try:
             img = load_image(s.image)
-            crops, grid = pre.rows(img)
+            crops, grid = pre.pixel_values(img)
         except ImageError as e:
             if strict:
                 raise MixpertError(f"{e} (run without --strict to skip bad images)") from None

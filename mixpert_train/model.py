@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from .backbones import Backbone
 from .families import adapter_for
@@ -97,6 +96,31 @@ class MixpertConfig:
 # ---------------------------------------------------------------------------------------------
 # The three parts.
 # ---------------------------------------------------------------------------------------------
+
+class PixelInput(nn.Module):
+    """The parts' pixel input: uint8 rows as the preprocessor cuts them (io()["pixels"]) -> the tower's float32
+    input, inside the graph. Each byte indexes its channel's 256-entry table (preprocess.lookup_table: transformers'
+    own rescale and normalise arithmetic for every byte value, so the values are the processor's bits), then the
+    family's layout (unpack_pixels). Exports as Cast, Add, Gather on a 768-entry table (and Qwen2-VL's Expand): the
+    host sends a quarter of the bytes and never normalises. The trunk itself keeps taking float32 pixel_values,
+    for training and for comparing with transformers."""
+
+    def __init__(self, cfg: MixpertConfig):
+        super().__init__()
+        from .preprocess import Preprocessor
+
+        bb = cfg.backbone
+        pre = Preprocessor(bb)
+        pre.require_table()
+        self.adapter, self.backbone = pre.adapter, bb
+        self.register_buffer("table", torch.from_numpy(pre.table.reshape(-1).copy()))
+        self.register_buffer("offsets", torch.from_numpy(pre.adapter.pixel_channels(bb) * pre.table.shape[1]))
+
+    def forward(self, pixels):
+        index = pixels.long() + self.offsets
+        values = self.table.index_select(0, index.reshape(-1)).reshape(index.shape)  # one Gather on the table
+        return self.adapter.unpack_pixels(self.backbone, values)
+
 
 class Trunk(nn.Module):
     """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers.

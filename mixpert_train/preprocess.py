@@ -47,6 +47,8 @@ def _open(src) -> Image.Image:
         raise ImageError(f"{_describe(src)}: {px / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit; downscale it") from None
     except UnidentifiedImageError:
         raise ImageError(f"{_describe(src)}: not an image PIL can read (is it really a {Path(str(src)).suffix or 'picture'}?)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # cut off inside its header: PIL raises while reading it
+        raise ImageError(f"{_describe(src)}: corrupt or truncated image data ({e})") from None
 
 
 def load_image(src) -> Image.Image:
@@ -81,11 +83,10 @@ def load_image(src) -> Image.Image:
 
 class HostPixels:
     """A decoded RGB image and the uint8 operations a family's fast path (Adapter.fast_rows) is written in, on the
-    host: PIL's resize with the processor's filter (or `resize`, e.g. torch's uint8 kernels), numpy for the rest,
-    and the lookup table for rescale + normalise."""
+    host: PIL's resize with the processor's filter (or `resize`, e.g. torch's uint8 kernels), numpy for the rest."""
 
-    def __init__(self, image: Image.Image, resample, lut: np.ndarray, resize=None):
-        self.image, self.resample, self.lut, self._resize = image, resample, lut, resize
+    def __init__(self, image: Image.Image, resample, resize=None):
+        self.image, self.resample, self._resize = image, resample, resize
 
     def resize(self, w: int, h: int) -> np.ndarray:
         """[h, w, 3] uint8."""
@@ -104,23 +105,12 @@ class HostPixels:
     def repeat(x: np.ndarray, n: int, axis: int) -> np.ndarray:
         return np.repeat(x, n, axis=axis)
 
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        """uint8 with channels on axis 1 -> float32, contiguous, each byte through its channel's table."""
-        out = np.empty(x.shape, np.float32)
-        # a block of rows at a time (about 128k values a channel, one 384 px crop), so its bytes and floats stay in
-        # cache; bytes index a 256-entry table, so "clip" never clips, and it spares take's buffered copy
-        step = max(1, (1 << 17) // max(1, int(np.prod(x.shape[2:]))))
-        for k in range(0, len(x), step):
-            for c in range(x.shape[1]):
-                np.take(self.lut[c], x[k:k + step, c], out=out[k:k + step, c], mode="clip")
-        return out
-
 
 def lookup_table(p) -> np.ndarray | None:
     """[3, 256] float32: byte value -> normalised value per channel, transformers' own arithmetic (float64 rescale,
-    float32 cast, float32 (x - mean) / std); None when the config has a step a table cannot hold."""
-    plain = p.do_resize and p.do_rescale and p.do_normalize and not getattr(p, "do_center_crop", False)
-    if not (plain and np.size(p.image_mean) == np.size(p.image_std) == 3):
+    float32 cast, float32 (x - mean) / std); None when the config skips rescaling or normalising (arithmetic this
+    table does not reproduce)."""
+    if not (p.do_rescale and p.do_normalize and np.size(p.image_mean) == np.size(p.image_std) == 3):
         return None
     v = (np.arange(256, dtype=np.uint8).astype(np.float64) * p.rescale_factor).astype(np.float32)
     mean, std = np.asarray(p.image_mean, np.float32), np.asarray(p.image_std, np.float32)
@@ -129,20 +119,23 @@ def lookup_table(p) -> np.ndarray | None:
 
 
 class Preprocessor:
-    """Image -> rows (crops [n_crops, 3, S, S], or patches for Qwen2-VL) float32, as the family's transformers PIL
-    processor computes them (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil, Qwen2VLImageProcessorPil):
-    from the snapshot's own config where the backbone carries one (what from_pretrained(snapshot) builds), else
-    from the backbone's fields.
+    """Image -> rows: the uint8 bytes the engines take (crops [n_crops, 3, S, S], or Qwen2-VL's patches
+    [n_patches, C*p*p]), which the parts' graphs normalise themselves (model.PixelInput: each byte through its
+    channel's 256-entry table); and, for training and references, the float32 pixel_values the family's
+    transformers PIL processor makes (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil,
+    Qwen2VLImageProcessorPil): from the snapshot's own config where the backbone carries one (what
+    from_pretrained(snapshot) builds), else from the backbone's fields.
 
     Fast path (`fast=True`, whenever the family's fast_rows reproduces the config; otherwise transformers'
-    processor itself runs): the family's geometry on uint8 (PIL resizes with the processor's filter, crops and
-    patches by slicing), then one table lookup per channel that holds transformers' own arithmetic for each of the
-    256 byte values: the same float32 bits, without its float64 image copies and numpy <-> PIL round trips.
-    tests/test_preprocess.py checks every family bit for bit against its processor.
+    processor itself runs and its output is mapped back to bytes through the inverse table): the family's
+    geometry on uint8 (PIL resizes with the processor's filter, crops and patches by slicing). The table holds
+    transformers' own arithmetic for each of the 256 byte values, so table[rows] is the processor's float32
+    output bit for bit (tests/test_preprocess.py, every family); the host never normalises on the engines' path.
 
-    `device` ("cpu", "cuda"): the same geometry and table with torch's antialiased resize on that device
-    (preprocess_device.py); decoding stays on the host. Not bit-identical (tests/test_preprocess_device.py states
-    and checks the tolerance); on a GPU the rows come back as a tensor on it."""
+    `device` ("cpu", "cuda"): the same geometry with torch's antialiased resize on that device
+    (preprocess_device.py); on a GPU, JPEG files are also decoded there (nvJPEG, where torchvision has it). Not
+    bit-identical (tests/test_preprocess_device.py states and checks the tolerance); on a GPU the rows come back
+    as a uint8 tensor on it."""
 
     def __init__(self, backbone: Backbone, fast: bool = True, device: str | None = None, exact_uint8: bool | None = None):
         from .families import adapter_for
@@ -150,41 +143,59 @@ class Preprocessor:
         self.backbone = backbone
         self.adapter = adapter_for(backbone)
         self.processor = self.adapter.image_processor(backbone)  # transformers' own, from the snapshot
-        self.lut = (lookup_table(self.processor) if fast and self.adapter.fast_preprocessing(self.processor)
-                    else None)
-        self.resizer = None
-        if device is not None:  # resize (and on a GPU normalise) with torch on `device`; decode stays here
-            from .preprocess_device import DeviceResizer
+        self.table = lookup_table(self.processor)  # None: the config has a step no per-byte table holds
+        p = self.processor
+        plain = p.do_resize and not getattr(p, "do_center_crop", False)  # the geometry every fast_rows assumes
+        self.lut = self.table if fast and plain and self.adapter.fast_preprocessing(p) else None
+        self.resizer = self.decoder = None
+        if device is not None:  # resize (and on a GPU decode) with torch on `device`
+            from .preprocess_device import DeviceDecoder, DeviceResizer
 
             if self.lut is None:
                 raise MixpertError("this processor config has steps only transformers' processor reproduces; "
                                    "preprocess on the host (drop --preprocess-device)")
             self.resizer = DeviceResizer(device, self.processor.resample, exact_uint8)
+            self.decoder = DeviceDecoder.for_device(self.resizer.device, load_image, MAX_PIXELS)
 
-    def pixels(self, image: Image.Image):
-        """The uint8 operations the family's fast path runs on: PIL on the host, or torch (preprocess_device)."""
+    def pixels(self, image):
+        """The uint8 operations the family's fast path runs on: PIL on the host, or torch (preprocess_device).
+        `image`: a PIL image, or a [3, H, W] uint8 tensor decoded on the device."""
         if self.resizer is None:
-            return HostPixels(image, self.processor.resample, self.lut)
+            return HostPixels(image, self.processor.resample)
         from .preprocess_device import DevicePixels
 
         if not self.resizer.uint8:  # float interpolation: all of it on the device
-            return DevicePixels(self.resizer, image, self.lut)
+            return DevicePixels(self.resizer, image)
         src = self.resizer.image(image)  # torch's uint8 kernels on the CPU in place of PIL's resize
-        return HostPixels(image, None, self.lut, lambda w, h: self.resizer.resize(src, h, w).permute(1, 2, 0).numpy())
+        return HostPixels(image, None, lambda w, h: self.resizer.resize(src, h, w).permute(1, 2, 0).numpy())
 
-    def crops(self, image: Image.Image):
-        """[n_crops, 3, S, S] float32: numpy, or a torch tensor on the preprocessing device when that is not the CPU.
-        Patch families (Qwen2-VL): the flattened patches [n_patches, C*t*p*p]."""
-        return self.rows(image)[0]
+    def require_table(self):
+        if self.table is None:
+            p = self.processor
+            raise MixpertError(f"image processor {type(p).__name__} (do_rescale={p.do_rescale}, do_normalize="
+                               f"{p.do_normalize}, do_center_crop={getattr(p, 'do_center_crop', False)}) has no "
+                               "per-byte table, which the engines' uint8 input needs; use a processor config with "
+                               "resize, rescale and normalize (as the family's published snapshots have)")
 
-    def rows(self, image: Image.Image) -> tuple:
-        """(the image's rows: crops, or patches; its grid (t, h, w) in patches for patch families, else None)."""
+    def rows(self, image) -> tuple:
+        """(the image's uint8 rows as the engines take them: crops, or patches; its grid (t, h, w) in patches for
+        patch families, else None). numpy, or a torch tensor on the preprocessing device."""
+        size = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
         try:
             if self.lut is not None:
-                image = image.convert("RGB") if image.mode != "RGB" else image
-                return self.adapter.fast_rows(self.processor, (image.height, image.width), self.pixels(image))
-            out = self.processor(images=[image], return_tensors="np")
+                if isinstance(image, Image.Image) and image.mode != "RGB":
+                    image = image.convert("RGB")
+                return self.adapter.fast_rows(self.processor, size, self.pixels(image))
         except ValueError as e:  # e.g. Qwen2-VL's "absolute aspect ratio must be smaller than 200"
+            raise ImageError(f"{size[1]}x{size[0]} px: {str(e).splitlines()[0]}") from None
+        self.require_table()
+        px, grid = self._processor_output(image)
+        return self.to_bytes(px), grid
+
+    def _processor_output(self, image) -> tuple:
+        try:
+            out = self.processor(images=[image], return_tensors="np")
+        except ValueError as e:
             raise ImageError(f"{image.width}x{image.height} px: {str(e).splitlines()[0]}") from None
         px = np.asarray(out["pixel_values"], dtype=np.float32)
         px = px[0] if px.ndim == 5 else px  # anyres: [1, n, 3, S, S]; dynamic tiles (GotOcr2): [n, 3, S, S]
@@ -193,26 +204,71 @@ class Preprocessor:
         grid = out.get("image_grid_thw")
         return px, (tuple(int(v) for v in np.asarray(grid)[0]) if grid is not None else None)
 
+    def pixel_values(self, image) -> tuple:
+        """(float32 pixel_values exactly as the family's transformers processor gives them for this image, its
+        grid or None): what training and the torch reference take. numpy, or a tensor on the preprocessing device."""
+        if self.lut is not None:
+            rows, grid = self.rows(image)
+            return self.normalize(rows), grid
+        return self._processor_output(image)
+
+    def normalize(self, rows):
+        """uint8 rows -> the processor's float32 pixel_values: each byte through its channel's table, then the
+        family's layout (unpack_pixels); on the rows' host or device. The engines do this inside their graph."""
+        self.require_table()
+        bb, ad = self.backbone, self.adapter
+        channels = ad.pixel_channels(bb)
+        if isinstance(rows, np.ndarray):
+            flat = self.table.reshape(-1)
+            return ad.unpack_pixels(bb, np.take(flat, rows.astype(np.intp) + channels * 256))
+        import torch
+
+        flat = torch.as_tensor(self.table.reshape(-1), device=rows.device)
+        return ad.unpack_pixels(bb, flat[rows.long() + torch.as_tensor(channels * 256, device=rows.device)].contiguous())
+
+    def to_bytes(self, px: np.ndarray) -> np.ndarray:
+        """The processor's float32 pixel_values -> the uint8 rows whose table values they are (the inverse table:
+        every value the processor makes is one of its channel's 256 entries). Refuses values that are not."""
+        self.require_table()
+        bb, ad = self.backbone, self.adapter
+        x = ad.pack_pixels(bb, px)
+        ch = np.broadcast_to(ad.pixel_channels(bb), x.shape[1:])
+        out = np.empty(x.shape, np.uint8)
+        for c in range(self.table.shape[0]):
+            order = np.argsort(self.table[c], kind="stable")
+            ordered = self.table[c][order]
+            sel = np.broadcast_to(ch == c, x.shape)
+            v = x[sel]
+            i = np.clip(np.searchsorted(ordered, v), 0, 255)
+            if not np.array_equal(ordered[i], v):
+                raise MixpertError(f"image processor {type(self.processor).__name__}: its output is not a per-byte "
+                                   "table of the image's pixels (a step between resizing and normalising mixes "
+                                   "values); the engines' uint8 input cannot hold it")
+            out[sel] = order[i].astype(np.uint8)
+        return out
+
     def __call__(self, src):
-        return self.crops(load_image(src))
+        """A file's (or bytes', or array's) float32 pixel_values, as transformers' processor makes them."""
+        return self.pixel_values(load_image(src))[0]
 
     def prepare(self, src) -> tuple:
-        """(rows, (height, width) of the decoded image, grid or None): what packing and the per-row inputs need
-        besides the pixels."""
-        image = load_image(src)
+        """(uint8 rows, (height, width) of the decoded image, grid or None): what the engines, packing and the
+        per-row inputs need. With a device decoder, JPEG files are decoded on the device."""
+        image = self.decoder.load(src) if self.decoder is not None else load_image(src)
+        size = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
         try:
             px, grid = self.rows(image)
         except ImageError as e:
             raise ImageError(f"{_describe(src)}: {e}") from None
-        return px, (image.height, image.width), grid
+        return px, size, grid
 
     def describe(self) -> dict:
-        """Which path makes the crops, for reports."""
+        """Which path makes the rows, for reports."""
         if self.resizer is not None:
-            return {"path": f"torch {'uint8' if self.resizer.uint8 else 'float32'} resize",
-                    "device": str(self.resizer.device)}
-        return {"path": "fast PIL + table (bit-identical)" if self.lut is not None else "transformers processor",
-                "device": "cpu"}
+            return {"path": f"torch {'uint8' if self.resizer.uint8 else 'float32'} resize", "device": str(self.resizer.device),
+                    "decode": self.decoder.describe() if self.decoder is not None else "host (PIL)"}
+        return {"path": "fast PIL (bit-identical)" if self.lut is not None else "transformers processor + inverse table",
+                "device": "cpu", "decode": "host (PIL)"}
 
 
 def concat_crops(crops: list):

@@ -1,12 +1,13 @@
-"""Resizing and normalising on a torch device: each family's fast geometry (Adapter.fast_rows) with torch's
-antialiased interpolation in place of PIL's resize; decoding stays on the host.
+"""Decoding and resizing on a torch device: each family's fast geometry (Adapter.fast_rows) with torch's
+antialiased interpolation in place of PIL's resize; the rows stay uint8 (the engines normalise them in-graph).
 
 - CPU: torch's uint8 antialiased kernels (vectorised, Pillow's separable filters with the same a=-0.5 cubic),
-  several times faster than PIL's resize per core; the crops are then normalised by Preprocessor's own lookup
-  table, as on the PIL path.
+  several times faster than PIL's resize per core. Decoding stays with PIL.
 - CUDA (or `exact_uint8=False`): float32 interpolation of the uint8 image, rounded and clamped back to bytes as
-  PIL's output is, then the same lookup table as a gather on the device; crops come back as a device tensor so
-  the backend never copies them through the host.
+  PIL's output is; rows come back as a uint8 device tensor so the backend never copies them through the host.
+  JPEG files are decoded on the GPU too (DeviceDecoder: torchvision's decode_jpeg, nvJPEG), everything else and
+  whatever nvJPEG refuses on the host. nvJPEG's IDCT and chroma upsampling are not libjpeg's: its pixels differ
+  from PIL's by a few levels (tests marked gpu state the tolerance).
 
 Not bit-identical to PIL: PIL rounds to bytes between its horizontal and vertical passes and uses 22-bit fixed
 point weights; torch does neither the same way. The stated tolerance (tests/test_preprocess_device.py) is at most
@@ -14,6 +15,9 @@ point weights; torch does neither the same way. The stated tolerance (tests/test
 """
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,8 +42,11 @@ class DeviceResizer:
         if self.uint8 and self.device.type != "cpu":
             raise MixpertError("uint8 interpolation runs on the CPU only")
 
-    def image(self, image: Image.Image) -> torch.Tensor:
-        """[1, 3, H, W] uint8 on the device, channels-last in memory (what the uint8 kernels vectorise)."""
+    def image(self, image) -> torch.Tensor:
+        """[1, 3, H, W] uint8 on the device, channels-last in memory (what the uint8 kernels vectorise). `image`: a
+        PIL image, or a [3, H, W] uint8 tensor already decoded on the device."""
+        if isinstance(image, torch.Tensor):
+            return image.to(self.device)[None]
         x = torch.from_numpy(np.array(image))  # HWC uint8, decoded on the host (a writable copy: torch asks for one)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -73,13 +80,12 @@ class DeviceResizer:
 
 class DevicePixels:
     """preprocess.HostPixels' operations on a torch device (float interpolation, rounded to bytes as PIL's output
-    is): the image is copied to the device once, every resize, crop and the table lookup run there, and a family's
-    fast_rows returns a tensor on the device."""
+    is): the image is copied to the device once (or was decoded there), every resize and crop runs there, and a
+    family's fast_rows returns a uint8 tensor on the device."""
 
-    def __init__(self, resizer: DeviceResizer, image: Image.Image, lut: np.ndarray):
+    def __init__(self, resizer: DeviceResizer, image):
         self.resizer, self.device = resizer, resizer.device
         self.src = resizer.image(image)
-        self.table = torch.as_tensor(lut, device=self.device)
 
     def resize(self, w: int, h: int) -> torch.Tensor:
         return self.resizer.resize(self.src, h, w).permute(1, 2, 0)
@@ -99,8 +105,68 @@ class DevicePixels:
     def repeat(x: torch.Tensor, n: int, axis: int) -> torch.Tensor:
         return x.repeat_interleave(n, dim=axis)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 with channels on axis 1 -> float32 through the table, as one gather on the device."""
-        c = x.shape[1]
-        offsets = (torch.arange(c, device=self.device) * self.table.shape[1]).view(1, c, *[1] * (x.dim() - 2))
-        return self.table.view(-1)[x.long() + offsets].contiguous()
+
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+class DeviceDecoder:
+    """Image files -> [3, H, W] uint8 tensors decoded on a CUDA device where the GPU decoder takes them (JPEG:
+    `decode` is torchvision.io.decode_jpeg on the device, nvJPEG), else `host(src)`'s PIL image (preprocess.load_image:
+    the host path, with its one-line errors; `max_pixels` its size limit). The host reads only the header (size limit, colour mode) and the last
+    bytes (a truncated file goes to the host, which refuses it as it refuses every corrupt image)."""
+
+    def __init__(self, device, decode, host, max_pixels: int, why: str = ""):
+        self.device, self.decode, self.host, self.max_pixels, self.why = torch.device(device), decode, host, max_pixels, why
+        self.counts = {"device": 0, "host": 0}
+
+    @classmethod
+    def for_device(cls, device, host, max_pixels: int) -> "DeviceDecoder | None":
+        """The decoder for `device`: None on the CPU (PIL decodes there); on CUDA torchvision's nvJPEG decode_jpeg
+        where it imports, else a decoder that sends every file to the host and says why."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except Exception as e:  # noqa: BLE001 - not installed, or a build that does not match torch
+            return cls(device, None, host, max_pixels, f"torchvision.io.decode_jpeg unavailable ({type(e).__name__}): host decode")
+
+        def decode(data: bytes) -> torch.Tensor:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               device=device)
+
+        return cls(device, decode, host, max_pixels)
+
+    def load(self, src):
+        data = None
+        if self.decode is not None and isinstance(src, (bytes, bytearray)):
+            data = bytes(src)
+        elif self.decode is not None and isinstance(src, (str, Path)) and Path(src).is_file():
+            data = Path(src).read_bytes()
+        x = self._on_device(data) if data is not None else None
+        if x is None:
+            self.counts["host"] += 1
+            return self.host(src)
+        self.counts["device"] += 1
+        return x
+
+    def _on_device(self, data: bytes):
+        if not (data.startswith(JPEG_START) and data.rstrip(b"\x00").endswith(JPEG_END)):
+            return None  # another format, or a truncated JPEG: the host decodes it (or refuses it in one line)
+        try:
+            with Image.open(io.BytesIO(data)) as head:  # the header only
+                (w, h), mode = head.size, head.mode
+        except Exception:  # noqa: BLE001 - PIL cannot read it: the host path names the problem
+            return None
+        if mode not in ("RGB", "L") or not 0 < w * h <= self.max_pixels:
+            return None  # CMYK / YCCK and oversized images: the host's conversion and limits
+        try:
+            x = self.decode(data)
+        except Exception:  # noqa: BLE001 - what nvJPEG refuses (progressive variants, odd subsampling)
+            return None
+        return x if tuple(x.shape) == (3, h, w) else None
+
+    def describe(self) -> str:
+        if self.decode is None:
+            return self.why or "host (PIL)"
+        return f"{self.device} (nvJPEG) for JPEG, host (PIL) otherwise; so far {self.counts}"

@@ -50,7 +50,7 @@ def pooled_features(model, samples, strict=False, log=print, batch: int = 64) ->
 
     for s in samples:
         try:
-            crops, grid = pre.rows(load_image(s.image))
+            crops, grid = pre.pixel_values(load_image(s.image))
         except ImageError as e:
             if strict:
                 raise MixpertError(f"{e} (run without --strict to skip bad images)") from None

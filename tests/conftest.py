@@ -96,3 +96,41 @@ def reference_crop_features(model, pixel_values, image_sizes):
     finally:
         h.remove()
     return captured[0]
+
+
+def assert_uint8_path_equals_float_path(bundle, images, ort_tol: float = 1e-5) -> dict:
+    """The engines' uint8 input against the float input they took before (issue 28): transformers' own processor's
+    float32 pixel_values (Preprocessor(fast=False)) through the bundle's model in torch, trunk then versatile, call
+    by call as the pipeline groups the images. torch: equal (0.0); ONNX Runtime: within ort_tol. Returns the worst
+    difference per runtime."""
+    import numpy as np
+
+    from mixpert_export.bundle import manifest as mf
+    from mixpert_export.bundle.sources import model_from_source
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+    from mixpert_train.families import adapter_for
+    from mixpert_train.model import VERSATILE
+    from mixpert_train.preprocess import Preprocessor
+
+    bundle = Path(bundle)
+    manifest = mf.read_manifest(bundle)
+    cfg = mf.bundle_config(manifest)
+    model = model_from_source(manifest["source"], cfg, bundle / mf.NAME)
+    ad, ref = adapter_for(cfg.backbone), Preprocessor(cfg.backbone, fast=False)  # transformers' processor itself
+    floats = [ref.pixel_values(im) for im in images]
+    worst = {}
+    for runtime, tol in (("torch", 0.0), ("onnxruntime", ort_tol)):
+        pipe = MixpertPipeline.from_engines(bundle, runtime=runtime, tau=1.01)  # every image to versatile
+        results = pipe(images)
+        assert all(r.ok and r.expert == VERSATILE for r in results), [r.error for r in results]
+        worst[runtime] = 0.0
+        for call in pipe.calls([r.crops for r in results]):
+            px = torch.from_numpy(np.concatenate([floats[i][0] for i in call]))
+            rows = [torch.from_numpy(v) for v in ad.row_inputs(cfg.backbone, [floats[i][1] for i in call]).values()]
+            with torch.no_grad():
+                want = model.experts[VERSATILE](model.trunk(px, *rows), *rows).numpy()
+            got = np.concatenate([results[i].tokens for i in call])
+            assert got.shape == want.shape
+            worst[runtime] = max(worst[runtime], float(np.abs(got - want).max()))
+        assert worst[runtime] <= tol, (runtime, worst[runtime])
+    return worst

@@ -15,11 +15,12 @@ from mixpert_export.bundle import manifest as mf
 from mixpert_export.bundle import tensorrt_build as trtb
 from mixpert_export.__main__ import main
 from mixpert_export.bundle.build import build_bundle, compile_bundle
-from mixpert_export.bundle.onnx_export import export_part, lowered, part_specs
+from mixpert_export.bundle.contract import part_specs
+from mixpert_export.bundle.onnx_export import export_part, lowered
 from mixpert_export.bundle.validate import sample_crops, validate_part
 from mixpert_train.backbones import get_backbone
 from mixpert_train.errors import MixpertError
-from mixpert_train.model import MixpertConfig, build_model, pool_matrix
+from mixpert_train.model import MixpertConfig, PixelInput, build_model, pool_matrix
 
 needs_trt = pytest.mark.skipif(not trtb.available(), reason="tensorrt / tensorrt_rtx not installed (pip install tensorrt-rtx-cu13)")
 
@@ -72,9 +73,9 @@ def test_onnx_runtime_reload_matches_torch_at_every_crop_count(onnx_bundle, tiny
     """Independent of the build's own validation: load the files back and compare at 1, 7 and 40 crops."""
     torch.manual_seed(11)
     for n in (1, 7, 40):
-        px = torch.randn(n, 3, 64, 64)
+        px = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)  # the bytes the parts take
         with torch.no_grad():
-            hidden = tiny_model.trunk(px)
+            hidden = tiny_model.trunk(PixelInput(tiny_model.cfg)(px))
             want = {"trunk": hidden, "expert_ocr": tiny_model.experts["ocr"](hidden),
                     "single_encoder": tiny_model.experts["versatile"](hidden)}
         feeds = {"trunk": {"pixel_values": px.numpy()}, "expert_ocr": {"hidden": hidden.numpy()},
@@ -198,7 +199,7 @@ def test_experts_share_one_trace_and_each_keeps_its_own_weights(tiny_model, tmp_
     shared, alone = {}, tmp_path / "alone"
     alone.mkdir()
     with torch.no_grad():
-        hidden = tiny_model.trunk(torch.from_numpy(sample_crops(tiny_model.cfg)[:3]))
+        hidden = tiny_model.trunk(PixelInput(tiny_model.cfg)(torch.from_numpy(sample_crops(tiny_model.cfg)[:3])))
     outs = {}
     for name in ("expert_chart", "expert_ocr", "expert_versatile"):
         got = export_part(low, specs[name], tmp_path, precision, 8, shared)[0]

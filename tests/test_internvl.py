@@ -97,7 +97,7 @@ def test_preprocessing_equals_the_snapshots_processor_bit_for_bit(internvl):
     ours = Preprocessor(bb)
     counts = []
     for im in _images():
-        a = ours.crops(im)
+        a = ours.pixel_values(im)[0]
         b = reference_pixels(snap, [im], "np")["pixel_values"]
         assert a.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
         counts.append(len(a))
@@ -188,6 +188,14 @@ def bundle(request, internvl, tmp_path_factory):
     m, src = resolve(backbone="tiny-internvl", weights=str(snap), expert_layers=request.param)
     build_bundle(m, d, runtime="onnxruntime", max_crops=30, source=src, with_baseline=False, progress=False, validate=False)
     return request.param, d
+
+
+def test_uint8_input_gives_the_tokens_the_float_input_gave(bundle):
+    """Tiles' bytes in, normalised in the graph: transformers' float32 pixel_values through the model give the same
+    tokens (torch 0.0, ONNX Runtime <= 1e-5), for k = 0, 2 and the whole tower."""
+    from conftest import assert_uint8_path_equals_float_path
+
+    assert_uint8_path_equals_float_path(bundle[1], _images())
 
 
 @pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
@@ -369,7 +377,7 @@ def test_original_layout_snapshot_equals_transformers(internvl, tmp_path):
     ref_proc = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=6,
                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     px = ref_proc(images=images, return_tensors="pt")["pixel_values"]
-    assert np.array_equal(np.concatenate([Preprocessor(bb).crops(im) for im in images]), px.numpy())
+    assert np.array_equal(np.concatenate([Preprocessor(bb).pixel_values(im)[0] for im in images]), px.numpy())
     with torch.no_grad():
         ref = model.model.get_image_features(pixel_values=px).pooler_output
         got = ours.experts[VERSATILE](ours.trunk(px))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import reference_crop_features
+from conftest import assert_uint8_path_equals_float_path, reference_crop_features
 from mixpert_export.__main__ import main
 from mixpert_export.bundle.build import build_bundle
 from mixpert_export.runtime.pipeline import MixpertPipeline
@@ -91,6 +91,13 @@ def test_dispatch_is_one_launch_per_used_expert_and_matches_per_image_reference(
             want = model.experts[expert](h).numpy()
         assert r.expert == expert
         assert np.abs(r.tokens - want).max() <= 1e-4
+
+
+def test_uint8_input_gives_the_tokens_the_float_input_gave(bundle):
+    """The parts take the crops' bytes and normalise them in the graph: the same tokens as transformers' float32
+    pixel_values through the model (torch 0.0, ONNX Runtime <= 1e-5), images of several sizes in shared calls."""
+    worst = assert_uint8_path_equals_float_path(bundle, images())
+    assert worst["torch"] == 0.0
 
 
 def test_routing_strategies_and_tau(bundle):
@@ -223,19 +230,19 @@ def test_bad_inputs_are_per_image_errors(pipes, tmp_path):
 
 
 def test_an_image_that_makes_nan_tokens_is_an_error_for_that_image_only(bundle, monkeypatch):
+    """Pixels are bytes now (every table value is finite), so NaN can only come from the model itself (an fp16
+    overflow, broken weights): the experts' output rows of the second image are poisoned here."""
     pipe = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", strategy="direct")
     imgs = images()[:3]
-    real = pipe.preprocess.rows
-    calls = []
+    counts = [len(pipe.preprocess.prepare(im)[0]) for im in imgs]
+    real = pipe.backend.run_experts
 
-    def poisoned(im):
-        px, grid = real(im)
-        calls.append(1)
-        if len(calls) == 2:
-            px[0, 0, 0, 0] = np.inf  # inf enters the trunk: NaN comes out of attention
-        return px, grid
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs).copy()
+        out[counts[0]] = np.nan  # the second image's first crop
+        return out
 
-    monkeypatch.setattr(pipe.preprocess, "rows", poisoned)
+    monkeypatch.setattr(pipe.backend, "run_experts", poisoned)
     res = pipe(imgs)
     assert res[0].ok and res[2].ok and not res[1].ok and "NaN" in res[1].error
 

@@ -87,9 +87,10 @@ def test_preprocessing_is_transformers_processor_from_the_snapshot(qwen):
     pre, proc = Preprocessor(bb), AutoImageProcessor.from_pretrained(snap)
     grids = set()
     for img in _images():
-        px, size, grid = pre.prepare(img)
+        rows, size, grid = pre.prepare(img)  # the engines' uint8 bytes, and what the table makes of them
         ref = proc(images=[img], return_tensors="np")
-        assert px.dtype == np.float32 and np.array_equal(px, ref["pixel_values"]), img.size
+        px = pre.normalize(rows)
+        assert rows.dtype == np.uint8 and px.dtype == np.float32 and np.array_equal(px, ref["pixel_values"]), img.size
         assert tuple(grid) == tuple(ref["image_grid_thw"][0]) and size == (img.height, img.width)
         grids.add(tuple(grid))
     assert len(grids) == len(SIZES)  # every size its own grid: a variable patch count
@@ -187,7 +188,7 @@ def test_bundle_parts_have_a_patch_axis(bundle):
     assert manifest["max_crops"] == 256  # the patch budget: one largest image (128 x 128 px of 8 px patches)
     trunk, expert = manifest["parts"]["trunk"]["spec"], manifest["parts"]["expert_versatile"]["spec"]
     assert [(t["name"], t["shape"], t["dtype"]) for t in trunk["inputs"]] == [
-        ("pixel_values", ["patches", 384], "float32"), ("position_ids", ["patches", 2], "int64"),
+        ("pixel_values", ["patches", 192], "uint8"), ("position_ids", ["patches", 2], "int64"),
         ("segment_ids", ["patches"], "int64")]
     assert expert["outputs"][0]["shape"] == ["merged", 128]
     assert manifest["parts"]["router"]["spec"]["inputs"][1]["shape"] == ["images", "patches"]
@@ -195,6 +196,15 @@ def test_bundle_parts_have_a_patch_axis(bundle):
         for name, part in manifest["parts"].items():
             v = part["validation"]
             assert v["status"] == "pass" and next(iter(v["outputs"].values()))["max_abs"] <= 1e-4, name
+
+
+def test_uint8_input_gives_the_tokens_the_float_input_gave(bundle):
+    """One frame of patch bytes in, normalised and repeated in time in the graph: transformers' float32
+    pixel_values (both frames) through the model give the same tokens (torch 0.0, ONNX Runtime <= 1e-5), images of
+    several sizes sharing calls, for k = 0, 2 and the whole tower."""
+    from conftest import assert_uint8_path_equals_float_path
+
+    assert_uint8_path_equals_float_path(bundle[1], _images() + _images([(20, 20), (33, 50), (64, 16)], seed=1))
 
 
 @pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
@@ -325,8 +335,8 @@ def test_serve_and_triton_repository(qwen, bundle, tmp_path):
         cfg = read_config(repo / f"mixpert_{part}" / "config.pbtxt")
         assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching"), part
     trunk = read_config(repo / "mixpert_trunk" / "config.pbtxt")
-    assert [(i.name, list(i.dims)) for i in trunk.input] == [
-        ("pixel_values", [-1, 384]), ("position_ids", [-1, 2]), ("segment_ids", [-1])]
+    assert [(i.name, list(i.dims), i.data_type) for i in trunk.input] == [  # one frame of patch bytes
+        ("pixel_values", [-1, 192], 2), ("position_ids", [-1, 2], 9), ("segment_ids", [-1], 9)]  # TYPE_UINT8, TYPE_INT64
     images = _images()[1:4]
     _, want = reference(model, snap, images)
     with ServeProcess(path, log=tmp_path / "serve.log", extra=["--tau", "1.01"]) as server:
@@ -464,7 +474,7 @@ def test_training_scores_use_the_models_own_mrope_positions(qwen):
     pre = Preprocessor(bb)
     items = []
     for i, im in enumerate(_images()[1:4]):
-        px, grid = pre.rows(im)
+        px, grid = pre.pixel_values(im)
         items.append(Item(Sample(f"{i}.png", "q", "a", "chart"), torch.from_numpy(px), (im.height, im.width),
                           torch.tensor([11, 12, 13 + i]), torch.tensor([40 + i, 50]), grid))
     with torch.no_grad():

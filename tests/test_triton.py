@@ -30,7 +30,8 @@ from mixpert_train.errors import MixpertError  # noqa: E402
 from test_pipeline import decisive_model  # noqa: E402
 
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-              onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
+              onnx.TensorProto.BFLOAT16: "TYPE_BF16", onnx.TensorProto.UINT8: "TYPE_UINT8",
+              onnx.TensorProto.INT64: "TYPE_INT64"}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from mixpert_train.staging import staged_dir
 
 from . import manifest as mf
 from . import tensorrt_build as trtb
-from .onnx_export import OPSET, PartSpec, export_part, lowered, onnx_io, part_specs
+from .contract import PartSpec, part_specs
+from .onnx_export import OPSET, export_part, lowered, onnx_io
 from .int8 import quantize_bundle
 from .validate import check, sample_inputs, validate_part
 
@@ -73,6 +74,21 @@ def export_parts(model: MixpertVision, bundle: Path, precision: str, max_crops: 
                                      "export_seconds": round(seconds, 3)},
                             "validation": report, "spec": _spec_io(spec)}
     return parts
+
+
+def pixel_contract(cfg) -> dict:
+    """What the pixel parts take, for the manifest: uint8 bytes in the rows' layout, normalised inside the graph by
+    the processor's per-channel 256-entry table (model.PixelInput), whose values and hash are recorded."""
+    import hashlib
+
+    from mixpert_train.preprocess import Preprocessor
+
+    pre = Preprocessor(cfg.backbone)
+    pre.require_table()
+    shape = list(adapter_for(cfg.backbone).io(cfg.backbone)["pixels"][0])
+    return {"dtype": "uint8", "shape": shape, "normalised": "in the graph: a 256-entry table per channel (Gather)",
+            "table_sha256": hashlib.sha256(pre.table.tobytes()).hexdigest(),
+            "processor": type(pre.processor).__name__}
 
 
 def default_gpu_targets(trt: trtb.TensorRT) -> tuple:
@@ -153,6 +169,7 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
             if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
                 compile_engines(tmp, manifest, gpu_targets, progress)
         manifest["packing"] = mf.write_packing(tmp, model)
+        manifest["pixels"] = pixel_contract(cfg)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from mixpert_train.errors import MixpertError
-from mixpert_train.model import MixpertVision, pool_matrix, route
+from mixpert_train.model import MixpertVision, PixelInput, pool_matrix, route
 
 from . import manifest as mf
 from .onnx_export import onnx_io
@@ -58,7 +58,7 @@ def quantize_bundle(model: MixpertVision, fp32: Path, out: Path, manifest: dict)
 
     crops = sample_crops(model.cfg, n_random=3)
     with torch.no_grad():
-        hidden = model.trunk(torch.from_numpy(crops))
+        hidden = model.trunk(PixelInput(model.cfg)(torch.from_numpy(crops)))  # crops are uint8, as the engines take
         want = {"trunk": hidden.numpy(), "single_encoder": model.experts["versatile"](hidden).numpy()}
         want |= {f"expert_{e}": model.experts[e](hidden).numpy() for e in model.cfg.experts}
     for name, part in manifest["parts"].items():

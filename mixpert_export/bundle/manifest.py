@@ -14,7 +14,7 @@ from mixpert_train.model import MixpertConfig
 from mixpert_train.staging import Output, member
 
 FORMAT = "mixpert-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the pixel parts take uint8 bytes and normalise them in the graph (1: float32 normalised pixels)
 NAME = "manifest.json"
 BUNDLE = Output("bundle", NAME, FORMAT)
 

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -22,59 +21,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from mixpert_train.errors import MixpertError
-from mixpert_train.model import MixpertConfig, MixpertVision
+from mixpert_train.model import MixpertConfig, MixpertVision, PixelInput
+
+from .contract import PartSpec  # the contract every exported part follows
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # fp32: TensorRT has no fp32 kernel for ONNX Attention (FACTS), so attention stays MatMul/Softmax (opset 18).
 # fp16/bf16: opset 23 emits ONNX Attention and Gelu, fused by ONNX Runtime CUDA and TensorRT.
 OPSET = {"fp32": 18, "fp16": 23, "bf16": 23}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple  # ints, or axis names for dynamic axes ("crops", "images")
-    dtype: str  # numpy-style name: float32, float16, bfloat16
-
-    def to_dict(self):
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    name: str  # trunk | router | expert_<name> | single_encoder
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    @property
-    def file(self) -> str:
-        return f"{self.name}.onnx"
-
-
-def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -> list[PartSpec]:
-    """The I/O contract of every part, from the family's io(): pixels, router I/O and per-row inputs (patch
-    families' positions and image ids) as they are, hidden and tokens in `precision`. The leading axis is 'crops'
-    (fixed-size crops) or 'patches' (Qwen2-VL's dynamic resolution, whose experts give 'merged' rows)."""
-    from mixpert_train.families import adapter_for
-
-    bb, dt = cfg.backbone, ONNX_DTYPE[precision]
-    io = adapter_for(bb).io(bb)
-    pixels = TensorSpec("pixel_values", *io["pixels"])
-    rows = tuple(TensorSpec(*r) for r in io["rows"])
-    hidden = TensorSpec("hidden", io["hidden"], dt)
-    tokens = TensorSpec("tokens", io["tokens"], dt)
-    unit = io["hidden"][0]
-    specs = [
-        PartSpec("trunk", (pixels,) + rows, (hidden,)),
-        PartSpec("router", (hidden, TensorSpec("pool", ("images", unit), "float32")),
-                 (TensorSpec("scores", ("images", len(cfg.domains)), "float32"),)),
-    ]
-    specs += [PartSpec(f"expert_{e}", (hidden,) + rows, (tokens,)) for e in cfg.experts]
-    if with_baseline:
-        specs.append(PartSpec("single_encoder", (pixels,) + rows, (tokens,)))
-    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,14 +46,16 @@ class _FP32LayerNorm(nn.LayerNorm):
 
 
 class _PixelsIn(nn.Module):
-    """fp32 pixels in, cast to the part's precision inside the graph."""
+    """uint8 pixels in, normalised inside the graph (model.PixelInput, fp32 values of transformers' processor),
+    then cast to the part's precision."""
 
-    def __init__(self, body: nn.Module, dtype):
+    def __init__(self, body: nn.Module, dtype, cfg: MixpertConfig):
         super().__init__()
         self.body, self.dtype = body, dtype
+        self.pixels = PixelInput(cfg).to(next(body.parameters()).device)
 
     def forward(self, pixel_values, *rows):
-        return self.body(pixel_values.to(self.dtype), *rows)
+        return self.body(self.pixels(pixel_values).to(self.dtype), *rows)
 
 
 def lowered(model: MixpertVision, precision: str) -> MixpertVision:
@@ -117,11 +74,11 @@ def part_module(model: MixpertVision, spec: PartSpec, precision: str) -> nn.Modu
     """The torch module whose forward is exactly this part's graph (model already lowered)."""
     dtype = PRECISIONS[precision]
     if spec.name == "trunk":
-        return _PixelsIn(model.trunk, dtype)
+        return _PixelsIn(model.trunk, dtype, model.cfg)
     if spec.name == "router":
         return model.router
     if spec.name == "single_encoder":
-        return _PixelsIn(model.single_encoder(), dtype)
+        return _PixelsIn(model.single_encoder(), dtype, model.cfg)
     return model.experts[spec.name[len("expert_"):]]
 
 
@@ -146,6 +103,9 @@ def example_inputs(spec: PartSpec, cfg: MixpertConfig, precision: str, crops: in
             out.append(torch.from_numpy(rows[t.name]))
             continue
         shape = [sum(counts) if d in ("crops", "patches") else d for d in t.shape]
+        if t.dtype == "uint8":  # pixels: any byte
+            out.append(torch.randint(0, 256, shape, dtype=torch.uint8))
+            continue
         dtype = PRECISIONS[precision] if t.dtype != "float32" else torch.float32
         out.append(torch.randn(shape).to(dtype))
     return tuple(out)

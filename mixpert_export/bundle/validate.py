@@ -14,9 +14,10 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
 from mixpert_train.errors import MixpertError
-from mixpert_train.model import MixpertVision, pool_matrix
+from mixpert_train.model import MixpertVision, PixelInput, pool_matrix
 
-from .onnx_export import PartSpec, part_module
+from .contract import PartSpec
+from .onnx_export import part_module
 
 # (issue #10) fp32: max |diff| <= 1e-4 and cosine >= 0.9999; fp16/bf16: cosine >= 0.999 against fp32 torch.
 TOLERANCES = {"fp32": {"max_abs": 1e-4, "cosine": 0.9999}, "fp16": {"cosine": 0.999}, "bf16": {"cosine": 0.999}}
@@ -41,14 +42,12 @@ class TorchCpuRunner(BaseRunner):
         from polygraphy.common import TensorMetadata
 
         meta = TensorMetadata()
-        for t in self.spec.inputs:  # the reference takes fp32 (integer row inputs as they are); dynamic axes are -1
-            meta.add(t.name, dtype=np.int64 if t.dtype == "int64" else np.float32,
-                     shape=[d if isinstance(d, int) else -1 for d in t.shape])
+        for t in self.spec.inputs:  # the reference takes fp32 (integer inputs as they are); dynamic axes are -1
+            meta.add(t.name, dtype=_reference_dtype(t), shape=[d if isinstance(d, int) else -1 for d in t.shape])
         return meta
 
     def infer_impl(self, feed_dict):
-        args = [torch.from_numpy(np.asarray(feed_dict[t.name], dtype=np.int64 if t.dtype == "int64" else np.float32))
-                for t in self.spec.inputs]
+        args = [torch.from_numpy(np.asarray(feed_dict[t.name], dtype=_reference_dtype(t))) for t in self.spec.inputs]
         start = time.perf_counter()
         with torch.no_grad():
             out = self.module(*args)
@@ -58,6 +57,10 @@ class TorchCpuRunner(BaseRunner):
 
     def deactivate_impl(self):
         pass
+
+
+def _reference_dtype(t):
+    return {"int64": np.int64, "uint8": np.uint8}.get(t.dtype, np.float32)
 
 
 def sample_pictures(s: int, seed: int = 0) -> list:
@@ -84,18 +87,17 @@ def sample_pictures(s: int, seed: int = 0) -> list:
 
 
 def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
-    """Validation crops, normalised like real inputs: the drawn images and Gaussian noise. [N, 3, S, S] float32."""
-    bb, s = cfg.backbone, cfg.backbone.crop_size
+    """Validation crops as the engines take them: the drawn images' bytes and uniform noise bytes (every value
+    of the table). [N, 3, S, S] uint8."""
+    s = cfg.backbone.crop_size
     rng = np.random.default_rng(seed)
-    images = sample_pictures(s, seed)
-    mean, std = np.array(bb.image_mean, np.float32), np.array(bb.image_std, np.float32)
-    arrs = [((np.asarray(im, np.float32) / 255 - mean) / std).transpose(2, 0, 1) for im in images]
-    arrs += list(rng.standard_normal((n_random, 3, s, s)).astype(np.float32))
-    return np.stack(arrs).astype(np.float32)
+    arrs = [np.asarray(im, np.uint8).transpose(2, 0, 1) for im in sample_pictures(s, seed)]
+    arrs += list(rng.integers(0, 256, (n_random, 3, s, s), dtype=np.uint8))
+    return np.ascontiguousarray(np.stack(arrs))
 
 
 class ValidationInputs:
-    """Real-looking rows (crops, or the patches of images of several sizes with their per-row inputs) and,
+    """Real-looking uint8 rows (crops, or the patches of images of several sizes with their per-row inputs) and,
     computed once for all parts that take it, the fp32 trunk's output on them. `counts`: rows an image."""
 
     def __init__(self, model: MixpertVision, crops: np.ndarray, rows: dict | None = None, counts=None):
@@ -108,7 +110,8 @@ class ValidationInputs:
         if self._hidden is None:
             with torch.no_grad():
                 rows = [torch.from_numpy(v) for v in self.rows.values()]
-                self._hidden = self.model.trunk(torch.from_numpy(self.crops), *rows).numpy()
+                pixels = PixelInput(self.model.cfg)(torch.from_numpy(self.crops))
+                self._hidden = self.model.trunk(pixels, *rows).numpy()
         return self._hidden
 
 

@@ -104,11 +104,12 @@ class StaticParts:
     """The trunk, router and experts of one bundle over preallocated buffers, bucketed by crops (or patches).
 
     rows: patch families' per-row inputs, name -> (trailing shape, torch dtype), in the parts' input order (the
-    row-id input is "segment_ids"); merge: input rows an expert's output row takes."""
+    row-id input is "segment_ids"); merge: input rows an expert's output row takes; pixel_dtype: the parts' pixel
+    input (uint8: the bytes, normalised inside the graph)."""
 
     def __init__(self, modules: dict, max_crops: int, pixel_shape: tuple, hidden_shape: tuple, token_shape: tuple,
                  dtype: torch.dtype, device, graphs: bool, buckets: Sequence[int] | None = None,
-                 streams: int = 1, rows: dict | None = None, merge: int = 1):
+                 streams: int = 1, rows: dict | None = None, merge: int = 1, pixel_dtype: torch.dtype = torch.uint8):
         self.modules, self.graphs, self.device = modules, graphs, torch.device(device)
         self.max_crops = int(max_crops)
         self.merge, self.row_specs = int(merge), dict(rows or {})
@@ -121,7 +122,7 @@ class StaticParts:
         M, pad = self.max_crops, 1 if self.row_specs else 0  # patch families: row M is the padding row
         self.hidden = torch.zeros((M + pad,) + tuple(hidden_shape), dtype=dtype, **z)
         self.tokens = torch.zeros((M // self.merge + 1,) + tuple(token_shape), dtype=dtype, **z)  # last row: dump
-        self.pixels = torch.zeros((M,) + tuple(pixel_shape), dtype=torch.float32, **z)  # [:b] per bucket
+        self.pixels = torch.zeros((M,) + tuple(pixel_shape), dtype=pixel_dtype, **z)  # [:b] per bucket (uint8 bytes)
         self.rows = {}
         for name, (shape, dt) in self.row_specs.items():
             self.rows[name] = torch.zeros((M + 1,) + tuple(shape), dtype=dt, **z)

@@ -42,6 +42,7 @@ class ImageResult:
     grid: tuple | None = None  # (t, h, w) in patches, for patch families
     error: str | None = None
     latency_ms: float = 0.0  # the batch this image ran in (preprocessing excluded)
+    host_ms: float = 0.0  # host CPU time (thread CPU time) this image's decode and preprocessing took
 
     @property
     def ok(self) -> bool:
@@ -51,7 +52,8 @@ class ImageResult:
         d = {"index": self.index, "path": self.source, "crops": self.crops} | ({"grid": list(self.grid)} if self.grid else {})
         if self.error:
             return d | {"error": self.error}
-        d |= {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms}
+        d |= {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms,
+              "host_ms": round(self.host_ms, 3)}
         return d | ({"embeddings_shape": list(self.embeddings.shape)} if self.embeddings is not None else {})
 
 
@@ -173,7 +175,8 @@ class MixpertPipeline:
                 yield ahead.popleft()
 
     def _prepare(self, res: ImageResult, src) -> np.ndarray | None:
-        """The image's crops, or None with `res.error` set (one line, this image only)."""
+        """The image's uint8 rows, or None with `res.error` set (one line, this image only)."""
+        t0 = time.thread_time()
         try:
             px, res.image_size, res.grid = self.preprocess.prepare(src)
         except ImageError as e:
@@ -182,6 +185,8 @@ class MixpertPipeline:
         except MixpertError as e:
             res.error = f"{res.source}: {e}"
             return None
+        finally:
+            res.host_ms = (time.thread_time() - t0) * 1e3
         res.crops = len(px)
         if res.crops > self.max_crops:
             res.error = (f"{res.source}: needs {res.crops} {self.unit}, the bundle takes {self.max_crops} a call; "

@@ -14,7 +14,7 @@ from transformers.activations import ACT2FN
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings, InternVLVisionLayer
 
-from ..backbones import Adapter, Backbone, normalized_tiles
+from ..backbones import Adapter, Backbone, stacked_tiles
 from ..errors import MixpertError
 
 IMAGENET = {"image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225)}  # InternVL's processor
@@ -229,13 +229,13 @@ class InternVitAdapter(Adapter):
 
         th, tw = p.size.height, p.size.width
         if not (p.crop_to_patches and p.max_patches > 1):
-            return normalized_tiles(px, [px.resize(tw, th)]), None
+            return stacked_tiles(px, [px.resize(tw, th)]), None
         cols, rows = get_optimal_tiled_canvas(tuple(image_size), (th, tw), p.min_patches, p.max_patches)
         canvas = px.resize(tw * cols, th * rows)
         tiles = [canvas[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(rows) for c in range(cols)]
         if len(tiles) != 1:
             tiles.append(px.resize(tw, th))
-        return normalized_tiles(px, tiles), None
+        return stacked_tiles(px, tiles), None
 
     def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:
         """InternVLProcessor: its tokenizer's context image token in the prompt becomes start + context x (tokens a

@@ -14,7 +14,7 @@ from transformers import SiglipVisionConfig
 from transformers.activations import ACT2FN
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
 
-from ..backbones import Adapter, Backbone, normalized_tiles
+from ..backbones import Adapter, Backbone, stacked_tiles
 from ..errors import MixpertError
 
 
@@ -124,7 +124,7 @@ class SiglipAdapter(Adapter):
         y, x = (bh - nh) // 2, (bw - nw) // 2
         canvas[y:y + nh, x:x + nw] = px.resize(nw, nh)
         tiles = [px.resize(S, S)] + [canvas[i:i + S, j:j + S] for i in range(0, bh, S) for j in range(0, bw, S)]
-        return normalized_tiles(px, tiles), None
+        return stacked_tiles(px, tiles), None
 
     def projector(self, bb: Backbone) -> nn.Module:
         return Projector(bb)

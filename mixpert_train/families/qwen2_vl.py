@@ -164,8 +164,7 @@ class Qwen2VitAdapter(Adapter):
 
     def io(self, bb: Backbone) -> dict:
         v = bb.vision
-        patch = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
-        return {"pixels": (("patches", patch), "float32"),
+        return {"pixels": (("patches", v["in_channels"] * v["patch_size"] ** 2), "uint8"),  # one frame: a still image
                 "rows": (("position_ids", ("patches", 2), "int64"), ("segment_ids", ("patches",), "int64")),
                 "hidden": ("patches", bb.hidden_size), "tokens": ("merged", bb.llm_hidden_size),
                 "merge": int(v["spatial_merge_size"]) ** 2}
@@ -211,15 +210,35 @@ class Qwen2VitAdapter(Adapter):
     def fast_rows(self, p, image_size, px):
         """smart_resize (sides multiples of patch x merge within the pixel bounds), then the flattened patches in
         the merger's order: merge windows row by row, the merge x merge patches of a window consecutive, each patch
-        [C, temporal (the still image repeated), p, p]."""
+        [C, p, p] uint8: one frame (unpack_pixels repeats the still image in time, as the processor does)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        ps, m, t = p.patch_size, p.merge_size, p.temporal_patch_size
+        ps, m = p.patch_size, p.merge_size
         h, w = smart_resize(*image_size, factor=ps * m, min_pixels=p.size.shortest_edge, max_pixels=p.size.longest_edge)
         gh, gw = h // ps, w // ps
         x = px.resize(w, h).reshape(gh // m, m, ps, gw // m, m, ps, 3)
-        x = px.permute(x, (0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, 3, 1, ps, ps)  # uint8: a quarter of the copy
-        return px.repeat(px.normalize(x), t, axis=2).reshape(gh * gw, -1), (1, gh, gw)
+        return px.permute(x, (0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, -1), (1, gh, gw)
+
+    def pixel_channels(self, bb: Backbone) -> np.ndarray:
+        c, p = int(bb.vision["in_channels"]), int(bb.vision["patch_size"])
+        return np.repeat(np.arange(c, dtype=np.int64), p * p)
+
+    def unpack_pixels(self, bb: Backbone, x):
+        """[P, C*p*p] -> [P, C*t*p*p]: the frame repeated temporal_patch_size times (a still image), as
+        Qwen2VLImageProcessor tiles it; an Expand inside the graph."""
+        v = bb.vision
+        c, t, pp = int(v["in_channels"]), int(v["temporal_patch_size"]), int(v["patch_size"]) ** 2
+        y = x.reshape(x.shape[0], c, 1, pp)
+        y = np.repeat(y, t, axis=2) if isinstance(y, np.ndarray) else y.expand(x.shape[0], c, t, pp)
+        return y.reshape(x.shape[0], c * t * pp)
+
+    def pack_pixels(self, bb: Backbone, x: np.ndarray) -> np.ndarray:
+        v = bb.vision
+        c, t, pp = int(v["in_channels"]), int(v["temporal_patch_size"]), int(v["patch_size"]) ** 2
+        y = x.reshape(len(x), c, t, pp)
+        if not (y == y[:, :, :1]).all():
+            raise MixpertError("pixel_values: the temporal frames of a patch differ (a video); the engines take still images")
+        return np.ascontiguousarray(y[:, :, 0]).reshape(len(x), c * pp)
 
     def pack(self, bb: Backbone, tokens, image_size, newline=None) -> np.ndarray:
         """Qwen2-VL puts an image's merged tokens at its <|image_pad|> positions as they are: [n_patches / 4, D]."""

@@ -19,7 +19,7 @@ from mixpert_train.families import adapter_for
 from mixpert_export.bundle import manifest as mf
 from .base import Backend
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -113,9 +113,11 @@ class OnnxRuntimeBackend(Backend):
                                     self.device, graphs=self.cuda_graphs and name not in self.no_graph, merge=self.merge)
                    for name in self.sessions}
         rows = {t["name"]: (shape(t), _torch_dtype(t["dtype"])) for t in parts["trunk"]["onnx"]["io"]["inputs"][1:]}
-        self.static = StaticParts(modules, int(manifest["max_crops"]), shape(parts["trunk"]["onnx"]["io"]["inputs"][0]),
+        pixels = parts["trunk"]["onnx"]["io"]["inputs"][0]
+        self.static = StaticParts(modules, int(manifest["max_crops"]), shape(pixels),
                                   shape(trunk_out), shape(expert_out), _torch_dtype(trunk_out["dtype"]), self.device,
-                                  graphs=False, buckets=self.buckets, rows=rows, merge=self.merge)  # ORT: its own graphs
+                                  graphs=False, buckets=self.buckets, rows=rows, merge=self.merge,  # ORT: its own graphs
+                                  pixel_dtype=_torch_dtype(pixels["dtype"]))
 
     # --- CUDA: IOBinding on torch CUDA tensors, so the trunk's output stays on the device between parts ---
     def from_host(self, x):
@@ -156,7 +158,7 @@ class OnnxRuntimeBackend(Backend):
         import torch
 
         sess = self.sessions[part]
-        torch_dt = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64}
+        torch_dt = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.uint8: torch.uint8}
         binding = sess.io_binding()
         keep = []
         for t in self.inputs[part]:

@@ -47,7 +47,7 @@ class TensorRTBackend(Backend):
     def _dtype(self, trt_dtype):
         t, torch = self.trt.module, self.torch
         return {t.float32: torch.float32, t.float16: torch.float16, t.bfloat16: torch.bfloat16,
-                t.int64: torch.int64}[trt_dtype]
+                t.int64: torch.int64, t.uint8: torch.uint8}[trt_dtype]
 
     def from_host(self, x):
         if isinstance(x, self.torch.Tensor):  # device preprocessing's crops, made on torch's current stream

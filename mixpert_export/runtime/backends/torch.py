@@ -18,9 +18,13 @@ from mixpert_train.errors import MixpertError
 from mixpert_train.families import adapter_for
 
 from mixpert_export.bundle import manifest as mf
-from mixpert_export.bundle.onnx_export import PRECISIONS, lowered, part_module, part_specs
+from mixpert_export.bundle.contract import part_specs
+from mixpert_export.bundle.onnx_export import PRECISIONS, lowered, part_module
 from mixpert_export.bundle.sources import model_from_source
 from .base import Backend
+
+
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}  # inputs whatever the precision
 
 
 class TorchBackend(Backend):
@@ -63,7 +67,7 @@ class TorchBackend(Backend):
                 shape(spec["trunk"].inputs[0]), shape(spec["trunk"].outputs[0]),
                 shape(spec[f"expert_{cfg.experts[0]}"].outputs[0]), PRECISIONS[self.precision], self.device,
                 graphs=self.graphs, buckets=self.buckets, streams=self.streams, rows=rows,
-                merge=adapter_for(cfg.backbone).io(cfg.backbone)["merge"])
+                merge=adapter_for(cfg.backbone).io(cfg.backbone)["merge"], pixel_dtype=_DTYPES[spec["trunk"].inputs[0].dtype])
         return self
 
     def from_host(self, x):
@@ -105,7 +109,7 @@ class TorchBackend(Backend):
         for t in spec.inputs:
             x = feeds[t.name]
             x = x if isinstance(x, torch.Tensor) else self.from_host(x)
-            args.append(x.to({"float32": torch.float32, "int64": torch.int64}.get(t.dtype, PRECISIONS[self.precision])))
+            args.append(x.to(_DTYPES.get(t.dtype, PRECISIONS[self.precision])))
         return args
 
     def synchronize(self):
