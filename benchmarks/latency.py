@@ -61,14 +61,14 @@ def slug(text: str) -> str:
 
 
 def inputs(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0):
-    """(rows per image, grids or Nones): random crops for crop families; for patch families noise images of
-    `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""
+    """(rows per image, grids or Nones): random crop bytes (the parts' uint8 input) for crop families; for patch
+    families noise images of `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     if pipe.unit == "crops":
-        s = pipe.cfg.backbone.crop_size
-        return [rng.standard_normal((crops, 3, s, s)).astype(np.float32) for _ in range(batch)], [None] * batch
+        shape = tuple(pipe.io["pixels"][0][1:])
+        return [rng.integers(0, 256, (crops,) + shape, dtype=np.uint8) for _ in range(batch)], [None] * batch
     made = [pipe.preprocess.rows(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
             for w, h in (sizes[i % len(sizes)] for i in range(batch))]
     return [px for px, _ in made], [g for _, g in made]

@@ -196,8 +196,9 @@ def get_backbone(name: str) -> Backbone:
 
 
 def stacked_tiles(px, tiles: list):
-    """[h, w, 3] uint8 tiles (crops of one image) -> [n, 3, h, w] uint8, on px's host or device (Adapter.fast_rows)."""
-    return px.permute(px.stack(tiles), (0, 3, 1, 2))
+    """[h, w, 3] uint8 tiles (crops of one image) -> [n, h, w, 3] uint8, on px's host or device (Adapter.fast_rows):
+    channels last, as decoded; the parts' graphs put channels first (unpack_pixels), so the host only copies rows."""
+    return px.stack(tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +263,18 @@ class Adapter:
     def pixel_channels(self, bb: Backbone) -> np.ndarray:
         """The channel of every byte of one row of io()["pixels"] (the row's shape without its leading axis, or
         one that broadcasts to it): which of the processor's per-channel tables turns that byte into its value."""
-        c = int(bb.vision.get("num_channels", 3))
-        return np.arange(c, dtype=np.int64).reshape(c, 1, 1)
+        return np.arange(int(bb.vision.get("num_channels", 3)), dtype=np.int64)  # crops [S, S, C]: the last axis
 
     def unpack_pixels(self, bb: Backbone, x):
         """Normalised rows in io()["pixels"]' layout (numpy, or torch inside a part's graph) -> the tower's input,
-        as transformers' processor lays out its pixel_values. Crops: as they are."""
-        return x
+        as transformers' processor lays out its pixel_values. Crops: [n, S, S, C] -> [n, C, S, S] (a Transpose)."""
+        if isinstance(x, np.ndarray):
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return x.permute(0, 3, 1, 2).contiguous()  # a permuted view is channels_last: torch's conv would pick another kernel
 
     def pack_pixels(self, bb: Backbone, x: np.ndarray) -> np.ndarray:
-        """unpack_pixels' inverse on the processor's pixel_values (numpy): the rows' layout. Crops: as they are."""
-        return x
+        """unpack_pixels' inverse on the processor's pixel_values (numpy): the rows' layout."""
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
     def projector(self, bb: Backbone) -> nn.Module:
         """tokens [N, T, D] (after feature selection) -> [N, tokens_per_crop, D_llm]; tensor names as the
@@ -288,11 +290,11 @@ class Adapter:
         return None
 
     def io(self, bb: Backbone) -> dict:
-        """The parts' tensors, shapes with named axes: pixels in (the resized image's bytes, uint8: the graph
-        normalises them, see model.PixelInput), per-row inputs, hidden, tokens out, and `merge`: input rows per
+        """The parts' tensors, shapes with named axes: pixels in (the resized image's bytes, uint8, channels last:
+        the graph normalises them and puts channels first, see model.PixelInput), per-row inputs, hidden, tokens out, and `merge`: input rows per
         output row of an expert (1: a crop gives a crop's tokens)."""
         c, s = int(bb.vision.get("num_channels", 3)), bb.crop_size
-        return {"pixels": (("crops", c, s, s), "uint8"), "rows": (),
+        return {"pixels": (("crops", s, s, c), "uint8"), "rows": (),  # channels last, as decoded
                 "hidden": ("crops", bb.hidden_tokens, bb.hidden_size),
                 "tokens": ("crops", bb.tokens_per_crop, bb.llm_hidden_size), "merge": 1}
 

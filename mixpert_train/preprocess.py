@@ -1,5 +1,5 @@
-"""Image -> rows (crops [n_crops, 3, S, S], or Qwen2-VL's patches), exactly as the family's own transformers PIL
-processor makes them (offline, no torchvision), with a bit-identical fast path for every family; and image loading
+"""Image -> rows (the engines' uint8 bytes: crops [n_crops, S, S, 3], or Qwen2-VL's patches; and transformers'
+float32 pixel_values from them), exactly as the family's own transformers PIL processor makes them (offline, no torchvision), with a bit-identical fast path for every family; and image loading
 that turns every bad input into a one-line ImageError for that image alone."""
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def lookup_table(p) -> np.ndarray | None:
 
 
 class Preprocessor:
-    """Image -> rows: the uint8 bytes the engines take (crops [n_crops, 3, S, S], or Qwen2-VL's patches
-    [n_patches, C*p*p]), which the parts' graphs normalise themselves (model.PixelInput: each byte through its
+    """Image -> rows: the uint8 bytes the engines take, channels last as decoded (crops [n_crops, S, S, 3], or
+    Qwen2-VL's patches [n_patches, p*p*3]), which the parts' graphs normalise and lay out themselves (model.PixelInput: each byte through its
     channel's 256-entry table); and, for training and references, the float32 pixel_values the family's
     transformers PIL processor makes (LlavaOnevisionImageProcessorPil, GotOcr2ImageProcessorPil,
     Qwen2VLImageProcessorPil): from the snapshot's own config where the backbone carries one (what
@@ -246,10 +246,6 @@ class Preprocessor:
                                    "values); the engines' uint8 input cannot hold it")
             out[sel] = order[i].astype(np.uint8)
         return out
-
-    def __call__(self, src):
-        """A file's (or bytes', or array's) float32 pixel_values, as transformers' processor makes them."""
-        return self.pixel_values(load_image(src))[0]
 
     def prepare(self, src) -> tuple:
         """(uint8 rows, (height, width) of the decoded image, grid or None): what the engines, packing and the

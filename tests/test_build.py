@@ -73,7 +73,7 @@ def test_onnx_runtime_reload_matches_torch_at_every_crop_count(onnx_bundle, tiny
     """Independent of the build's own validation: load the files back and compare at 1, 7 and 40 crops."""
     torch.manual_seed(11)
     for n in (1, 7, 40):
-        px = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)  # the bytes the parts take
+        px = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8)  # the bytes the parts take, channels last
         with torch.no_grad():
             hidden = tiny_model.trunk(PixelInput(tiny_model.cfg)(px))
             want = {"trunk": hidden, "expert_ocr": tiny_model.experts["ocr"](hidden),

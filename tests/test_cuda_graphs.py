@@ -60,7 +60,7 @@ def test_static_bucketed_path_equals_plain_torch_on_cpu(bundle, pipes):  # noqa:
         np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-5, rtol=0)
     px, total = [], 0
     for im in imgs:  # a call of several images, crop total not a bucket size, within max crops
-        p = static.preprocess(im)
+        p = static.preprocess.rows(im)[0]
         if total + len(p) <= 21:
             px.append((None, p))
             total += len(p)
@@ -119,7 +119,7 @@ def test_concurrent_experts_equal_sequential_bit_for_bit(bundle, pipes):  # noqa
     con = MixpertPipeline(TorchBackend("cuda", graphs=True, streams=4).load(bundle, m), m, strategy="direct")
     px, total = [], 0
     for im in images():
-        p = seq.preprocess(im)
+        p = seq.preprocess.rows(im)[0]
         if total + len(p) <= 24:
             px.append(p)
             total += len(p)
@@ -166,7 +166,7 @@ def test_onnxruntime_static_bound_path_equals_plain_on_cpu(bundle, pipes):  # no
     calls = dict(static.stats.launches)
     assert bound["trunk"] < calls["trunk"]  # the second pass bound nothing new
     # the baseline through the same buckets
-    px = np.concatenate([static.preprocess(im) for im in imgs[:2]])
+    px = np.concatenate([static.preprocess.rows(im)[0] for im in imgs[:2]])
     got = be.to_host(be.infer("single_encoder", {"pixel_values": be.from_host(px)})["tokens"])
     want = plain.backend.infer("single_encoder", {"pixel_values": px})["tokens"]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

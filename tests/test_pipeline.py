@@ -83,7 +83,7 @@ def test_dispatch_is_one_launch_per_used_expert_and_matches_per_image_reference(
     assert all(v == 1 for v in pipe.stats.launches.values())
     pre = Preprocessor(model.cfg.backbone)
     for r, im in zip(res, imgs):  # independent reference: each image alone, by hand, in torch
-        px = torch.from_numpy(pre(im))
+        px = torch.from_numpy(pre.pixel_values(im)[0])
         with torch.no_grad():
             h = model.trunk(px)
             s = model.router(h, torch.full((1, len(px)), 1.0 / len(px)))
@@ -117,7 +117,7 @@ def test_per_crop_routing(bundle):
     pre = Preprocessor(model.cfg.backbone)
     for r, im in zip(res, imgs):
         assert isinstance(r.expert, list) and len(r.expert) == r.crops == len(r.scores)
-        px = torch.from_numpy(pre(im))
+        px = torch.from_numpy(pre.pixel_values(im)[0])
         with torch.no_grad():
             h = model.trunk(px)
             for c in range(r.crops):
@@ -173,7 +173,7 @@ def test_preprocessing_matches_llava_ov_published_processor():
     for w, h in [(384, 384), (500, 300), (300, 900), (1000, 700), (17, 33)]:
         im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         want = published(images=[im], return_tensors="np")["pixel_values"][0]
-        got = ours(im)
+        got = ours.pixel_values(im)[0]
         assert got.shape == want.shape and np.array_equal(got, want)
 
 

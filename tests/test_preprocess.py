@@ -119,8 +119,8 @@ def test_a_config_only_the_processor_reproduces_still_gives_the_engines_bytes():
 
 
 def test_patch_rows_carry_one_frame_and_the_table_repeats_it_in_time():
-    """Qwen2-VL: the engines take [P, C*p*p] bytes (a still image once); the processor's [P, C*t*p*p] is that frame
-    repeated t times, which normalize() (and the graph) reproduces."""
+    """Qwen2-VL: the engines take [P, p*p*C] bytes (a still image once, channels last); the processor's [P, C*t*p*p]
+    is that frame, channels first, repeated t times, which normalize() (and the graph) reproduces."""
     bb = get_backbone("tiny-qwen2-vl")
     pre = Preprocessor(bb)
     rows, grid = pre.rows(load_image(encoded(70, 50, "RGB", "PNG", 1)))

@@ -88,11 +88,11 @@ def sample_pictures(s: int, seed: int = 0) -> list:
 
 def sample_crops(cfg, n_random: int = 2, seed: int = 0) -> np.ndarray:
     """Validation crops as the engines take them: the drawn images' bytes and uniform noise bytes (every value
-    of the table). [N, 3, S, S] uint8."""
+    of the table). [N, S, S, 3] uint8, channels last."""
     s = cfg.backbone.crop_size
     rng = np.random.default_rng(seed)
-    arrs = [np.asarray(im, np.uint8).transpose(2, 0, 1) for im in sample_pictures(s, seed)]
-    arrs += list(rng.integers(0, 256, (n_random, 3, s, s), dtype=np.uint8))
+    arrs = [np.asarray(im, np.uint8) for im in sample_pictures(s, seed)]
+    arrs += list(rng.integers(0, 256, (n_random, s, s, 3), dtype=np.uint8))
     return np.ascontiguousarray(np.stack(arrs))
 
 

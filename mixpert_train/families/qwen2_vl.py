@@ -164,7 +164,7 @@ class Qwen2VitAdapter(Adapter):
 
     def io(self, bb: Backbone) -> dict:
         v = bb.vision
-        return {"pixels": (("patches", v["in_channels"] * v["patch_size"] ** 2), "uint8"),  # one frame: a still image
+        return {"pixels": (("patches", v["patch_size"] ** 2 * v["in_channels"]), "uint8"),  # one frame [p, p, C]
                 "rows": (("position_ids", ("patches", 2), "int64"), ("segment_ids", ("patches",), "int64")),
                 "hidden": ("patches", bb.hidden_size), "tokens": ("merged", bb.llm_hidden_size),
                 "merge": int(v["spatial_merge_size"]) ** 2}
@@ -210,27 +210,31 @@ class Qwen2VitAdapter(Adapter):
     def fast_rows(self, p, image_size, px):
         """smart_resize (sides multiples of patch x merge within the pixel bounds), then the flattened patches in
         the merger's order: merge windows row by row, the merge x merge patches of a window consecutive, each patch
-        [C, p, p] uint8: one frame (unpack_pixels repeats the still image in time, as the processor does)."""
+        [p, p, C] uint8 (as decoded: the host copies runs of p pixels), one frame; unpack_pixels puts channels
+        first and repeats the still image in time, as the processor lays it out."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         ps, m = p.patch_size, p.merge_size
         h, w = smart_resize(*image_size, factor=ps * m, min_pixels=p.size.shortest_edge, max_pixels=p.size.longest_edge)
         gh, gw = h // ps, w // ps
         x = px.resize(w, h).reshape(gh // m, m, ps, gw // m, m, ps, 3)
-        return px.permute(x, (0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, -1), (1, gh, gw)
+        return px.permute(x, (0, 3, 1, 4, 2, 5, 6)).reshape(gh * gw, -1), (1, gh, gw)
 
     def pixel_channels(self, bb: Backbone) -> np.ndarray:
         c, p = int(bb.vision["in_channels"]), int(bb.vision["patch_size"])
-        return np.repeat(np.arange(c, dtype=np.int64), p * p)
+        return np.tile(np.arange(c, dtype=np.int64), p * p)  # [p, p, C] flattened: channel fastest
 
     def unpack_pixels(self, bb: Backbone, x):
-        """[P, C*p*p] -> [P, C*t*p*p]: the frame repeated temporal_patch_size times (a still image), as
-        Qwen2VLImageProcessor tiles it; an Expand inside the graph."""
+        """[P, p*p*C] -> [P, C*t*p*p]: channels first, the frame repeated temporal_patch_size times (a still
+        image), as Qwen2VLImageProcessor lays it out; a Transpose and an Expand inside the graph."""
         v = bb.vision
-        c, t, pp = int(v["in_channels"]), int(v["temporal_patch_size"]), int(v["patch_size"]) ** 2
-        y = x.reshape(x.shape[0], c, 1, pp)
-        y = np.repeat(y, t, axis=2) if isinstance(y, np.ndarray) else y.expand(x.shape[0], c, t, pp)
-        return y.reshape(x.shape[0], c * t * pp)
+        c, t, p = int(v["in_channels"]), int(v["temporal_patch_size"]), int(v["patch_size"])
+        n = x.shape[0]
+        if isinstance(x, np.ndarray):
+            y = x.reshape(n, p * p, c).transpose(0, 2, 1).reshape(n, c, 1, p * p)
+            return np.ascontiguousarray(np.repeat(y, t, axis=2)).reshape(n, c * t * p * p)
+        y = x.reshape(n, p * p, c).permute(0, 2, 1).reshape(n, c, 1, p * p)
+        return y.expand(n, c, t, p * p).reshape(n, c * t * p * p)
 
     def pack_pixels(self, bb: Backbone, x: np.ndarray) -> np.ndarray:
         v = bb.vision
@@ -238,7 +242,7 @@ class Qwen2VitAdapter(Adapter):
         y = x.reshape(len(x), c, t, pp)
         if not (y == y[:, :, :1]).all():
             raise MixpertError("pixel_values: the temporal frames of a patch differ (a video); the engines take still images")
-        return np.ascontiguousarray(y[:, :, 0]).reshape(len(x), c * pp)
+        return np.ascontiguousarray(y[:, :, 0].transpose(0, 2, 1)).reshape(len(x), pp * c)
 
     def pack(self, bb: Backbone, tokens, image_size, newline=None) -> np.ndarray:
         """Qwen2-VL puts an image's merged tokens at its <|image_pad|> positions as they are: [n_patches / 4, D]."""
