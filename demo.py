@@ -35,6 +35,20 @@ def newer(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and a.stat().st_mtime >= b.stat().st_mtime
 
 
+def reusable_bundle(engines: Path, checkpoint: Path) -> bool:
+    """A bundle newer than the checkpoint that this version reads (its format version; a bundle from before an
+    upgrade is rebuilt, not refused) and that carries the packing tensors."""
+    from mixpert_export.bundle import manifest as mf
+    from mixpert_train.errors import MixpertError
+
+    if not newer(engines / mf.NAME, checkpoint / "mixpert.json"):
+        return False
+    try:
+        return "packing" in mf.read_manifest(engines)
+    except MixpertError:
+        return False
+
+
 def step(name: str):
     print(f"\n=== {name}", flush=True)
     return time.perf_counter()
@@ -245,8 +259,7 @@ def main(argv=None) -> int:
         from mixpert_export.bundle.build import build_bundle, format_table, summary_rows
         from mixpert_export.bundle.sources import resolve
 
-        if newer(engines / "manifest.json", final / "mixpert.json") and \
-                "packing" in json.loads((engines / "manifest.json").read_text()):
+        if reusable_bundle(engines, final):
             manifest = json.loads((engines / "manifest.json").read_text())
             print(f"reusing {engines}")
         else:

@@ -213,3 +213,23 @@ def test_cli_control_and_eval_flags(data, joint, tmp_path, capsys):
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "ev"),
                  "--domain-alone", f"chart={joint}", "--quiet"]) == 2
     assert "--domain-alone: no model for doc, math, ocr, general; pass DOMAIN=SNAPSHOT for every domain" in capsys.readouterr().err
+
+
+def test_demo_rebuilds_a_bundle_from_an_older_format_rather_than_stop(tmp_path):
+    """`make demo` after an upgrade: a bundle this version refuses (format 1, float32 pixels) is rebuilt, not read."""
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import demo
+    from mixpert_export.bundle import manifest as mf
+
+    ck, engines = tmp_path / "ck", tmp_path / "engines"
+    ck.mkdir()
+    engines.mkdir()
+    (ck / "mixpert.json").write_text("{}")
+    time.sleep(0.01)
+    (engines / mf.NAME).write_text(json.dumps({"format": mf.FORMAT, "format_version": 1, "packing": {}}))
+    assert not demo.reusable_bundle(engines, ck)
+    (engines / mf.NAME).write_text(json.dumps({"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "packing": {"file": "p"}}))
+    assert demo.reusable_bundle(engines, ck)
+    assert not demo.reusable_bundle(tmp_path / "missing", ck)

@@ -94,7 +94,7 @@ def test_configs_the_fast_path_does_not_reproduce_fall_back_to_transformers():
     cfg = Preprocessor(bb).processor.to_dict() | {"do_normalize": False}
     pre = Preprocessor(bb.replace(processor=cfg))
     assert pre.lut is None and pre.table is None
-    px = pre(encoded(50, 30, "RGB", "PNG", 0))
+    px = pre.pixel_values(load_image(encoded(50, 30, "RGB", "PNG", 0)))[0]
     assert px.min() >= 0 and px.max() <= 1  # rescaled only, as transformers does with do_normalize off
     with pytest.raises(MixpertError) as e:
         pre.prepare(encoded(50, 30, "RGB", "PNG", 0))
