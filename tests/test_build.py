@@ -378,7 +378,9 @@ def test_qwen2_vl_7b_random_init_fp16_build(tmp_path):
     assert all(o["cosine"] >= 0.999 for p in m["parts"].values() for o in p["validation"]["outputs"].values())
     assert m["max_crops"] == 5120  # patches a call: one image at max_pixels
     trunk = m["parts"]["trunk"]
-    assert [t["shape"] for t in trunk["onnx"]["io"]["inputs"]] == [["patches", 1176], ["patches", 2], ["patches"]]
+    assert [(t["shape"], t["dtype"]) for t in trunk["onnx"]["io"]["inputs"]] == [  # one frame of patch bytes
+        (["patches", 588], "uint8"), (["patches", 2], "int64"), (["patches"], "int64")]
     assert trunk["onnx"]["io"]["outputs"][0]["shape"] == ["patches", 1280]
     assert m["parts"]["expert_chart"]["onnx"]["io"]["outputs"][0]["shape"] == ["merged", 3584]
-    assert trunk["engine"]["profile"]["pixel_values"] == [[4, 1176], [5120, 1176], [5120, 1176]]
+    assert trunk["engine"]["profile"]["pixel_values"] == [[4, 588], [5120, 588], [5120, 588]]
+    assert trunk["engine"]["io"]["inputs"][0]["dtype"] == "uint8"
