@@ -119,9 +119,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    from mixpert_train.errors import require_device
+
     from .runtime.pipeline import MixpertPipeline
     from .serving.ask import LanguageModel, ask
 
+    if args.llm_device:  # before minutes of loading engines and a 7B LLM
+        require_device("--llm-device", args.llm_device, "run on a host with a CUDA GPU, or drop --llm-device (the CPU)")
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
                                         tau=args.tau, packed=True)
     llm = LanguageModel.from_snapshot(args.llm, device=args.llm_device or "cpu")
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
     r.add_argument("--workers", type=int, help="threads preprocessing the next images while a call runs "
                                                "(default min(4, cores); 0: none)")
     r.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    r.add_argument("--preprocess-device", help="resize and normalise with torch on this device (cpu, cuda); "
+    r.add_argument("--preprocess-device", help="resize with torch on this device (cpu, cuda; cuda also decodes JPEG there); "
                                                   "default: PIL on the host, bit-identical to transformers")
     r.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     r.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    s.add_argument("--preprocess-device", help="resize and normalise with torch on this device (cpu, cuda); "
+    s.add_argument("--preprocess-device", help="resize with torch on this device (cpu, cuda; cuda also decodes JPEG there); "
                                                   "default: PIL on the host, bit-identical to transformers")
     s.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     s.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])

@@ -32,6 +32,9 @@ class DeviceResizer:
     """image (PIL RGB) -> its resized copies on `device`, antialiased as PIL's resize."""
 
     def __init__(self, device: str | torch.device, resample: int, exact_uint8: bool | None = None):
+        from .errors import require_device
+
+        require_device("--preprocess-device", device, "drop --preprocess-device (PIL on the host) or use cpu")
         self.device = torch.device(device)
         if int(resample) not in [int(m) for m in MODES]:
             raise MixpertError(f"device preprocessing supports the processor's resample = bilinear (2) or bicubic (3), "

@@ -529,3 +529,30 @@ def test_calls_are_the_grouping_map_makes(bundle, monkeypatch):
     assert pipe.calls(counts) == made and len(made) > 2  # several calls, one of them above the budget alone
     assert any(counts[c[0]] > 9 for c in made if len(c) == 1)
     assert pipe.calls([]) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a CUDA GPU")
+@pytest.mark.parametrize("flags,names", [
+    (["--runtime", "torch", "--device", "cuda"], "--device cuda"),
+    (["--runtime", "onnxruntime", "--device", "cuda"], "--device cuda"),
+    (["--runtime", "onnxruntime", "--preprocess-device", "cuda"], "--preprocess-device cuda"),
+    (["--runtime", "torch", "--device", "gpu"], "--device gpu"),
+])
+def test_cuda_asked_on_a_host_without_one_is_one_line_naming_the_flag(bundle, tmp_path, capsys, flags, names):
+    """Issue 30 (part): before, an AssertionError from torch, "Cannot access accelerator device", or advice to
+    rebuild the bundle; now exit 2 and one line naming the flag the user typed."""
+    img = tmp_path / "a.png"
+    images()[0].save(img)
+    capsys.readouterr()
+    assert main(["run", "--engines", str(bundle), str(img)] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and names in err and "\n" not in err and "Traceback" not in err
+    assert "rebuild" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a CUDA GPU")
+def test_ask_llm_device_cuda_without_a_gpu_is_one_line_before_any_loading(tmp_path, capsys):
+    assert main(["ask", "--engines", str(tmp_path / "none"), "--llm", str(tmp_path / "none"), "a.png", "q",
+                 "--llm-device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --llm-device cuda:") and "\n" not in err

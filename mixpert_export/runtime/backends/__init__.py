@@ -22,6 +22,10 @@ def create_backend(runtime: str, bundle: Path, manifest: dict, device: str | Non
     """options go to the backend: torch takes static, graphs, compile, streams, buckets."""
     if runtime == "auto":
         runtime = pick_runtime(manifest)
+    if device is not None and runtime in ("torch", "onnxruntime"):
+        from mixpert_train.errors import require_device
+
+        require_device("--device", device, "run on a host with a CUDA GPU, or drop --device (the CPU)")
     if runtime == "torch":
         from .torch import TorchBackend
 

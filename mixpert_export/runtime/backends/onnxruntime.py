@@ -54,7 +54,8 @@ class OnnxRuntimeBackend(Backend):
     def providers(self, graphs: bool = False) -> list:
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MixpertError("--device cuda: this onnxruntime has no CUDAExecutionProvider; pip install onnxruntime-gpu")
+                raise MixpertError(f"--device cuda: onnxruntime {ort.__version__} here has no CUDAExecutionProvider; "
+                                   "pip install onnxruntime-gpu on a host with a CUDA GPU (the bundle itself is fine)")
             cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if graphs else "CUDAExecutionProvider"
             return [cuda, "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
@@ -74,6 +75,7 @@ class OnnxRuntimeBackend(Backend):
             raise MixpertError(f"{bundle / mf.NAME}: a bf16 bundle cannot run on ONNX Runtime CPU (no bfloat16 MatMul); "
                                "use a GPU runtime or build with --precision fp32|fp16|int8")
         mf.verify_files(bundle, manifest, "onnx")
+        self.providers()  # no CUDA EP in this onnxruntime: say so here, not as a bundle that cannot load
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or min(os.cpu_count() or 1, 16)
         # one session per part: idle pools must not spin, or each part's threads starve the next part's
