@@ -161,7 +161,7 @@ def test_jpeg_decoded_on_the_gpu_is_within_the_stated_tolerance_of_pil():
 
     dec = DeviceDecoder.for_device("cuda", load_image, 64_000_000)
     if dec.decode is None:
-        pytest.skip(dec.why)
+        pytest.skip(f"no GPU JPEG decoder in this environment (torchvision with CUDA is needed): {dec.why}")
     for i, (w, h) in enumerate([(64, 64), (640, 480), (1920, 1080)]):
         data = encoded(w, h, "RGB", "JPEG", i)
         x = dec.load(data)
