@@ -256,7 +256,7 @@ class Adapter:
         """The processor's geometry on uint8 pixels: (the image's uint8 rows in io()["pixels"]' layout, the grid or
         None). `px` (preprocess.HostPixels, or preprocess_device.DevicePixels) holds the decoded RGB image of
         image_size (height, width): resize(w, h) -> [h, w, 3] uint8 with the processor's filter, zeros(h, w),
-        stack, permute, repeat. The rows' bytes, each through its channel's table (pixel_channels) and then
+        stack, permute. The rows' bytes, each through its channel's table (pixel_channels) and then
         unpack_pixels, are the same bits as the processor's output on the PIL path."""
         raise NotImplementedError
 

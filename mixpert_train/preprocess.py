@@ -101,9 +101,10 @@ class HostPixels:
     def permute(x: np.ndarray, axes) -> np.ndarray:
         return x.transpose(axes)
 
-    @staticmethod
-    def repeat(x: np.ndarray, n: int, axis: int) -> np.ndarray:
-        return np.repeat(x, n, axis=axis)
+
+def _size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or of a [3, H, W] tensor decoded on a device."""
+    return (image.height, image.width) if isinstance(image, Image.Image) else tuple(int(v) for v in image.shape[-2:])
 
 
 def lookup_table(p) -> np.ndarray | None:
@@ -180,7 +181,7 @@ class Preprocessor:
     def rows(self, image) -> tuple:
         """(the image's uint8 rows as the engines take them: crops, or patches; its grid (t, h, w) in patches for
         patch families, else None). numpy, or a torch tensor on the preprocessing device."""
-        size = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
+        size = _size(image)
         try:
             if self.lut is not None:
                 if isinstance(image, Image.Image) and image.mode != "RGB":
@@ -251,7 +252,7 @@ class Preprocessor:
         """(uint8 rows, (height, width) of the decoded image, grid or None): what the engines, packing and the
         per-row inputs need. With a device decoder, JPEG files are decoded on the device."""
         image = self.decoder.load(src) if self.decoder is not None else load_image(src)
-        size = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[-2:])
+        size = _size(image)
         try:
             px, grid = self.rows(image)
         except ImageError as e:

@@ -104,10 +104,6 @@ class DevicePixels:
     def permute(x: torch.Tensor, axes) -> torch.Tensor:
         return x.permute(*axes)
 
-    @staticmethod
-    def repeat(x: torch.Tensor, n: int, axis: int) -> torch.Tensor:
-        return x.repeat_interleave(n, dim=axis)
-
 
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
