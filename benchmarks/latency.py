@@ -1,7 +1,13 @@
 """Mixpert's latency over the single encoder, measured side by side in one process on the same runtime.
 
     python benchmarks/latency.py --backbone tiny|llava-ov-7b [--bundle DIR] --runtime onnxruntime|torch|tensorrt
-        [--device cpu|cuda] --batch 1 4 --crops 1 [--rounds 7] [--baseline FILE --max-regression 5%]
+        [--device cpu|cuda] --batch 1 4 --crops 1 [--rounds 15] [--runs N] [--cases a b c]
+        [--baseline FILE [--max-regression 5%] [--confidence 0.95]] [--inject-slowdown 10%]
+
+The regression gate (README, "The latency gate"): a baseline is --runs 5 separate processes; a gate run is compared
+with it per gated ratio (b/a, c/a) and point, the run being the unit; a regression when the whole t interval of the
+growth lies above --max-regression. --inject-slowdown makes b and c slower by a busy wait in this harness, to test
+the gate; such a report is never accepted as a baseline.
 
 Cases, same inputs, interleaved rounds (order rotated each round), warm-up first:
   a  single encoder: the unsplit tower + projector as one model
@@ -36,6 +42,8 @@ CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense", "f_
 RATIOS = ("b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
 # f: trunk + router + one expert called directly, no pipeline: b/f is the orchestrator's own overhead
 GATED = ("b_one_domain", "c_mixed")  # what the regression gate watches
+DEFAULT_ROUNDS = 15  # see README: the gate's false-alarm and detection figures were measured with these defaults
+DEFAULT_MAX_REGRESSION = "5%"
 
 
 def device_name(backend) -> str:
@@ -163,46 +171,146 @@ def _timer(backend):
     return timed
 
 
-def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: int, sizes=()) -> dict:
-    work = cases(pipe, batch, crops, sizes)
+def slowed(fn, backend, fraction: float):
+    """fn, then a busy wait of `fraction` of fn's own time: a known slowdown of one path, for testing the gate only.
+    It lives in this harness, never in the product path, and a run that used it is refused as a baseline."""
+    def run():
+        t = time.perf_counter()
+        out = fn()
+        backend.synchronize()
+        until = time.perf_counter() + fraction * (time.perf_counter() - t)
+        while time.perf_counter() < until:
+            pass
+        return out
+    return run
+
+
+def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: int, sizes=(),
+            only=CASES, inject: float = 0.0) -> dict:
+    work = {k: fn for k, fn in cases(pipe, batch, crops, sizes).items() if k in only}
+    if inject:
+        work |= {k: slowed(work[k], pipe.backend, inject) for k in GATED if k in work}
     timed = _timer(pipe.backend)
     for _ in range(warmup):
         for fn in work.values():
             fn()
-    times = {k: [] for k in CASES}
+    names = tuple(k for k in CASES if k in work)
+    times = {k: [] for k in names}
     for r in range(rounds):
-        order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]  # rotate: no case always runs first
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no case always runs first
         for k in order:
             times[k].append(timed(work[k]))
-    out = {"batch": batch, "crops": crops, "rounds": rounds, "cases": {}, "ratios": {}}
+    out = {"batch": batch, "crops": crops}
     if pipe.unit != "crops":  # patch families: the point is the size mix; `crops` holds the batch's patches
         per_image, grids = inputs(pipe, batch, crops, sizes)
         counts = [len(p) for p in per_image]
         out |= {"crops": int(sum(counts)), "sizes": [list(sizes[i % len(sizes)]) for i in range(batch)],
                 "grids": [list(g) for g in grids], "call_rows": pipe.call_rows, "calls": pipe.calls(counts)}
+    return summarize(out, times)
+
+
+def summarize(out: dict, times: dict) -> dict:
+    """A point's statistics from its per-round times {case: [ms per round]} (one run's, or several runs' pooled)."""
+    out = out | {"rounds": len(times["a_single"]), "cases": {}, "ratios": {}}
     for k, ts in times.items():
         out["cases"][k] = {"median_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90)), "all_ms": ts}
-    for k in RATIOS:
+    for k in (k for k in RATIOS if k in times):
         rs = [x / a for x, a in zip(times[k], times["a_single"])]
         out["ratios"][k] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs),
                             "p10": float(np.percentile(rs, 10)), "p90": float(np.percentile(rs, 90))}
+    if "f_bare_parts" not in times or "b_one_domain" not in times:
+        return out
     over = [b - f for b, f in zip(times["b_one_domain"], times["f_bare_parts"])]
     out["orchestrator"] = {"b_over_f": statistics.median(b / f for b, f in zip(times["b_one_domain"], times["f_bare_parts"])),
                            "extra_ms": statistics.median(over)}
     return out
 
 
+def run_once(a, bundle: Path, only, inject: float, setup_mismatch) -> dict | None:
+    """One run in this process: load the bundle, then every (batch, crops) point; None when the setup cannot be gated."""
+    options = {"torch": {"graphs": a.graphs, "compile": a.compile, "streams": a.streams},
+               "onnxruntime": {"cuda_graphs": a.graphs} if a.device == "cuda" else {}}.get(a.runtime, {})
+    pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device, backend_options=options)
+    report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
+              "device": device_name(pipe.backend), "backend": pipe.backend.describe(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
+    if inject:
+        report["injected_slowdown"] = inject
+    if setup_mismatch(report):
+        return None
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
+    for crops in (a.crops if pipe.unit == "crops" else [0]):
+        for batch in a.batch:
+            if pipe.unit == "crops" and batch * crops > pipe.max_crops:
+                print(f"skip {batch}x{crops}: the bundle takes {pipe.max_crops} crops a call", file=sys.stderr)
+                continue
+            r = measure(pipe, batch, crops, a.rounds, a.warmup, sizes, only=only, inject=inject)
+            report["results"].append(r)
+            print(f"{batch} x {crops}: a {r['cases']['a_single']['median_ms']:.1f} ms; "
+                  + ", ".join(f"{k[0]}/a {v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
+    return report
+
+
+def separate_runs(argv: list[str], bundle: Path, runs: int):
+    """This command `runs` times, one process after another (each its own load, warm-up and rounds), without
+    --runs/--baseline/--out; yields each run's report as it finishes."""
+    import subprocess
+    import tempfile
+
+    drop = {"--runs", "--baseline", "--out", "--bundle"}
+    args, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=")[0]
+        if name in drop:
+            i += 1 if "=" in argv[i] else 2
+            continue
+        args.append(argv[i])
+        i += 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for j in range(runs):
+            d = Path(tmp) / str(j)
+            print(f"run {j + 1}/{runs}", flush=True)
+            subprocess.run([sys.executable, __file__, *args, "--bundle", str(bundle), "--out", str(d)], check=True)
+            (js,) = d.glob("latency_*.json")
+            yield json.loads(js.read_text())
+
+
+def pooled(runs: list[list[dict]]) -> list[dict]:
+    """Per (batch, crops) point, the rounds of every run together (for the table and the plot; the gate uses runs)."""
+    points = []
+    for first in runs[0]:
+        key = (first["batch"], first["crops"])
+        same = [p for run in runs for p in run if (p["batch"], p["crops"]) == key]
+        times = {k: [t for p in same for t in p["cases"][k]["all_ms"]] for k in first["cases"]}
+        meta = {k: v for k, v in first.items() if k not in ("rounds", "cases", "ratios", "orchestrator")}
+        points.append(summarize(meta, times) | {"runs": len(same)})
+    return points
+
+
 def markdown(report: dict) -> str:
     lines = [f"### Latency: {report['backbone']} on {report['runtime']} ({report['precision']}), {report['device']}", "",
-             f"Measured {report['date']}, one process, interleaved rounds; ratios per round, median [min, max].", "",
+             f"Measured {report['date']}, "
+             + (f"{len(report['runs'])} runs (separate processes), rounds pooled" if report.get("runs") else "one process")
+             + ", interleaved rounds; ratios per round, median [min, max].", "",
              f"| batch x {'patches' if report['results'] and 'grids' in report['results'][0] else 'crops'} | a single (ms) | b/a one-domain | c/a mixed | d/a two encoders | e/a dense | orchestrator b/f (ms) |",
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        cell = lambda k: f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
+        cell = lambda k: (f"{r['ratios'][k]['median']:.3f} [{r['ratios'][k]['min']:.3f}, {r['ratios'][k]['max']:.3f}]"  # noqa: E731
+                          if k in r["ratios"] else "not run")
         calls = f" ({len(r['calls'])} calls)" if len(r.get("calls", [])) > 1 else ""
+        orch = r.get("orchestrator")
         lines.append(f"| {r['batch']} x {r['crops']}{calls} | {r['cases']['a_single']['median_ms']:.1f} | "
                      + " | ".join(cell(k) for k in RATIOS)
-                     + f" | {r['orchestrator']['b_over_f']:.3f} ({r['orchestrator']['extra_ms']:+.2f}) |")
+                     + (f" | {orch['b_over_f']:.3f} ({orch['extra_ms']:+.2f}) |" if orch else " | not run |"))
+    if report.get("injected_slowdown"):
+        lines += ["", f"**Injected slowdown** (gate testing only): b and c each ran {report['injected_slowdown']:.0%} "
+                  "longer by a busy wait in the harness."]
+    if report.get("gate"):
+        g = report["gate"]
+        lines += ["", f"Gate against `{g['baseline']}`: growth of each ratio over the baseline, mean of the runs' median "
+                  f"log ratios [{g['confidence']:.0%} t interval on the pooled run-to-run spread]; a regression when the "
+                  f"whole interval exceeds +{g['max_regression']:.1%}.", ""]
+        lines += [f"- {'REGRESSION ' if row['regressed'] else ''}{gate_line(row)}" for row in g["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -218,13 +326,13 @@ def plot(report: dict, path: Path) -> None:
               "d_two_encoders": "d two encoders", "e_dense": "e dense mixture"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = [f"{r['batch']}x{r['crops']}" for r in res]
-    for k in CASES[:5]:
+    for k in (k for k in CASES[:5] if k in res[0]["cases"]):
         ax1.plot(x, [r["cases"][k]["median_ms"] for r in res], marker="o", color=colors[k], label=labels[k])
     unit = "patches" if res and "grids" in res[0] else "crops"
     ax1.set_xlabel(f"images x {unit}"), ax1.set_ylabel("median latency (ms)"), ax1.set_yscale("log")
     ax1.set_title("latency"), ax1.legend(fontsize=8)
     w = 0.8 / len(RATIOS)
-    for i, k in enumerate(RATIOS):
+    for i, k in enumerate(k for k in RATIOS if k in res[0]["ratios"]):
         med = [r["ratios"][k]["median"] for r in res]
         lo = [m - r["ratios"][k]["min"] for m, r in zip(med, res)]
         hi = [r["ratios"][k]["max"] - m for m, r in zip(med, res)]
@@ -238,19 +346,70 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def regressions(report: dict, baseline: dict, max_regression: float) -> list[str]:
-    """Gated ratios that grew past baseline * (1 + max_regression), for (batch, crops) points in both."""
-    base = {(r["batch"], r["crops"]): r for r in baseline["results"]}
-    bad = []
+def run_value(point: dict, case: str) -> float:
+    """One run's figure for a gated ratio: the median over its rounds of log(case / a), each round's two times taken
+    back to back on the same machine state."""
+    return float(np.median(np.log(np.asarray(point["cases"][case]["all_ms"]) / np.asarray(point["cases"]["a_single"]["all_ms"]))))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (numerical integration of the density; no scipy in this project)."""
+    from math import exp, lgamma, pi, sqrt
+
+    c = exp(lgamma((df + 1) / 2) - lgamma(df / 2)) / sqrt(df * pi)  # lgamma: no overflow at large df
+    integrate = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
+
+    def cdf(x):
+        grid = np.linspace(0, x, 20001)
+        return 0.5 + integrate(c * (1 + grid ** 2 / df) ** (-(df + 1) / 2), grid)
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def runs_of(report: dict) -> list[list[dict]]:
+    """The report's runs (separate processes), each a list of (batch, crops) points; an old report is one run."""
+    return report.get("runs") or [report["results"]]
+
+
+def gate(report: dict, baseline: dict, max_regression: float, confidence: float = 0.95) -> list[dict]:
+    """Every gated ratio at every (batch, crops) point both reports measured: its growth over the baseline, a
+    confidence interval, and whether it regressed.
+
+    The unit is the run (a separate process): each run gives the median over its rounds of log(b/a); the spread
+    between runs, pooled over the baseline's runs and this report's, is what the interval is built from, because on
+    a shared machine the ratio drifts from run to run by more than rounds within a run vary. The growth is the
+    difference of the mean run figures, the interval Student's t on the pooled run-to-run spread; a regression only
+    when the whole interval lies above the allowed growth."""
+    base_runs, cur_runs = runs_of(baseline), runs_of(report)
+    rows = []
     for r in report["results"]:
-        b = base.get((r["batch"], r["crops"]))
-        if b is None:
-            continue
+        key = (r["batch"], r["crops"])
         for k in GATED:
-            cur, ref = r["ratios"][k]["median"], b["ratios"][k]["median"]
-            if cur > ref * (1 + max_regression):
-                bad.append(f"{k} at {r['batch']}x{r['crops']}: {cur:.3f} > {ref:.3f} x {1 + max_regression:.2f}")
-    return bad
+            xb = [run_value(p, k) for run in base_runs for p in run if (p["batch"], p["crops"]) == key and k in p["cases"]]
+            xc = [run_value(p, k) for run in cur_runs for p in run if (p["batch"], p["crops"]) == key and k in p["cases"]]
+            if len(xb) < 2 or not xc:
+                continue
+            df = len(xb) - 1 + len(xc) - 1
+            var = (np.var(xb) * len(xb) + np.var(xc) * len(xc)) / df  # pooled run-to-run variance of log(b/a)
+            se = float(np.sqrt(var * (1 / len(xb) + 1 / len(xc))))
+            d, t = float(np.mean(xc) - np.mean(xb)), t_quantile(0.5 + confidence / 2, df)
+            rows.append({"case": k, "batch": r["batch"], "crops": r["crops"],
+                         "ratio": float(np.exp(np.mean(xc))), "baseline_ratio": float(np.exp(np.mean(xb))),
+                         "growth": float(np.expm1(d)), "low": float(np.expm1(d - t * se)), "high": float(np.expm1(d + t * se)),
+                         "run_sd": float(np.sqrt(var)), "runs": [len(xc), len(xb)],
+                         # growth flagged about 19 times in 20 (power 0.95): the allowance plus (t + z_0.95) errors
+                         "detectable": float(np.expm1(np.log1p(max_regression) + (t + 1.645) * se)),
+                         "regressed": bool(d - t * se > np.log1p(max_regression))})
+    return rows
+
+
+def gate_line(g: dict) -> str:
+    return (f"{g['case']} at {g['batch']}x{g['crops']}: growth {g['growth']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}] "
+            f"over the baseline (ratio {g['ratio']:.3f} vs {g['baseline_ratio']:.3f}; {g['runs'][0]} vs {g['runs'][1]} runs, "
+            f"run-to-run sd {g['run_sd']:.1%}; catches >= {g['detectable']:+.1%})")
 
 
 GATE_KEYS = ("device", "runtime", "backbone", "precision")
@@ -259,6 +418,11 @@ GATE_KEYS = ("device", "runtime", "backbone", "precision")
 def gate_mismatch(report: dict, baseline: dict) -> str | None:
     """Why this run cannot be gated against `baseline` (another device, runtime, backbone or precision, or no
     (batch, crops) point in common), or None. Ratios from different machines are not comparable."""
+    if len(runs_of(baseline)) < 2:
+        return (f"it holds {len(runs_of(baseline))} run; the gate needs the run-to-run spread: measure the baseline "
+                "with --runs 5")
+    if baseline.get("injected_slowdown"):
+        return f"the baseline ran with an injected slowdown of {baseline['injected_slowdown']:.0%} (gate testing only)"
     for k in GATE_KEYS:
         if k in baseline and baseline[k] != report.get(k):
             return f"the baseline was measured with {k} {baseline[k]!r}, this run has {report.get(k)!r}"
@@ -298,56 +462,93 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="+", default=[1])
     ap.add_argument("--sizes", nargs="+", default=["448x448", "640x480", "336x224", "224x224"],
                     help="patch families (qwen2-vl): image sizes WxH of the mix, cycled over the batch (--crops unused)")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                    help=f"interleaved rounds per point (default {DEFAULT_ROUNDS}: what the gate's figures were measured with)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="separate processes, one after another; the gate's unit (a baseline needs >= 2; --runs 5 is "
+                         "what the README's figures use for baselines)")
+    ap.add_argument("--cases", nargs="+", choices=[k[0] for k in CASES], default=[k[0] for k in CASES],
+                    help="which cases to time (a is always timed); a gate needs a, b, c: '--cases a b c' is the quick gate")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="CUDA graphs per part and crop bucket, torch or ONNX Runtime's CUDA EP (default on with --device cuda)")
     ap.add_argument("--compile", action="store_true", help="torch: torch.compile the parts (and the baseline)")
     ap.add_argument("--streams", type=int, default=1, help="torch on CUDA: expert groups on this many streams")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--baseline", help="results JSON to gate against")
-    ap.add_argument("--max-regression", default="5%", help="allowed growth of b/a and c/a over the baseline")
+    ap.add_argument("--baseline", help="results JSON to gate against (an earlier run of this script on the same setup)")
+    ap.add_argument("--max-regression", default=DEFAULT_MAX_REGRESSION,
+                    help="allowed growth of b/a and c/a over the baseline; a regression when the whole confidence "
+                         f"interval of the growth lies above it (default {DEFAULT_MAX_REGRESSION})")
+    ap.add_argument("--confidence", type=float, default=0.95, help="of the gate's two-sided intervals (default 0.95)")
+    ap.add_argument("--inject-slowdown", default="0%", metavar="PCT",
+                    help="gate testing only: b and c run this much longer (a busy wait in this harness, never in the "
+                         "product); the report is marked and refused as a baseline")
     a = ap.parse_args(argv)
+    only = {k for k in CASES if k[0] in set(a.cases) | {"a"}}
+    inject = _percent(a.inject_slowdown)
+    baseline = None
+    if a.baseline:  # read before anything is written: the run's output may have the baseline's name
+        try:
+            baseline = json.loads(Path(a.baseline).read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: --baseline {a.baseline}: {e.__class__.__name__}: {e}; pass a JSON this script wrote", file=sys.stderr)
+            return 2
+        if not set(GATED) <= only:
+            print("error: --baseline gates b/a and c/a: keep cases a, b and c in --cases", file=sys.stderr)
+            return 2
     bundle = ensure_bundle(a)
-    options = {"torch": {"graphs": a.graphs, "compile": a.compile, "streams": a.streams},
-               "onnxruntime": {"cuda_graphs": a.graphs} if a.device == "cuda" else {}}.get(a.runtime, {})
-    pipe = MixpertPipeline.from_engines(bundle, runtime=a.runtime, device=a.device, backend_options=options)
-    report = {"backbone": pipe.cfg.backbone.name, "runtime": a.runtime, "precision": pipe.manifest["precision"],
-              "device": device_name(pipe.backend), "backend": pipe.backend.describe(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
-    for crops in (a.crops if pipe.unit == "crops" else [0]):
-        for batch in a.batch:
-            if pipe.unit == "crops" and batch * crops > pipe.max_crops:
-                print(f"skip {batch}x{crops}: the bundle takes {pipe.max_crops} crops a call", file=sys.stderr)
-                continue
-            r = measure(pipe, batch, crops, a.rounds, a.warmup, sizes)
-            report["results"].append(r)
-            print(f"{batch} x {crops}: a {r['cases']['a_single']['median_ms']:.1f} ms; "
-                  + ", ".join(f"{k[0]}/a {v['median']:.3f}" for k, v in r["ratios"].items()), flush=True)
+    if a.runs < 1:
+        print(f"error: --runs {a.runs}: at least one", file=sys.stderr)
+        return 2
+
+    def setup_mismatch(report):  # checked as soon as the device is known, before minutes of timing
+        why = gate_mismatch(report | {"results": baseline["results"]}, baseline) if baseline is not None else None
+        if why:
+            print(f"error: {a.baseline}: {why}; measure a baseline on this setup (--runs 5, no --baseline)", file=sys.stderr)
+        return why
+
+    if a.runs > 1:  # the runs are child processes; this one only collects them
+        report, runs = None, []
+        for child in separate_runs(argv if argv is not None else sys.argv[1:], bundle, a.runs):
+            if report is None:
+                report = {k: v for k, v in child.items() if k != "results"}
+                if setup_mismatch(report | {"results": child["results"]}):
+                    return 2
+            runs.append(child["results"])
+        report |= {"runs": runs, "results": pooled(runs)}
+    else:
+        report = run_once(a, bundle, only, inject, setup_mismatch)
+        if report is None:
+            return 2
+    bad = []
+    if baseline is not None:
+        why = gate_mismatch(report, baseline)
+        if why:
+            print(f"error: {a.baseline}: {why}; measure a baseline on this setup (--runs 5, no --baseline)", file=sys.stderr)
+            return 2
+        rows = gate(report, baseline, _percent(a.max_regression), a.confidence)
+        report["gate"] = {"baseline": a.baseline, "max_regression": _percent(a.max_regression),
+                          "confidence": a.confidence, "rows": rows}
+        bad = [g for g in rows if g["regressed"]]
     md = markdown(report)
     print("\n" + md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = "".join(f"_{k}" for k in ("cuda_graphs", "compile") if report["backend"].get(k))
     variant += f"_streams{a.streams}" if a.runtime == "torch" and a.streams > 1 else ""
+    variant += "_gate" if baseline is not None else ""  # a gate run never replaces the baseline it was judged by
+    variant += "_injected" if inject else ""
     stem = f"latency_{slug(report['device'])}_{a.runtime}_{report['backbone']}_{report['precision']}{variant}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(md)
     plot(report, out / f"{stem}.png")
     print(f"written: {out / stem}.{{md,json,png}}")
-    if a.baseline:
-        baseline = json.loads(Path(a.baseline).read_text())
-        why = gate_mismatch(report, baseline)
-        if why:
-            print(f"error: {a.baseline}: {why}; measure a baseline on this setup (run without --baseline)", file=sys.stderr)
-            return 2
-        bad = regressions(report, baseline, _percent(a.max_regression))
-        for line in bad:
-            print(f"REGRESSION {line}", file=sys.stderr)
-        if bad:
-            return 1
-        print(f"gate: no ratio regressed more than {a.max_regression} against {a.baseline}")
+    for g in bad:
+        print(f"REGRESSION {gate_line(g)}", file=sys.stderr)
+    if bad:
+        return 1
+    if baseline is not None:
+        print(f"gate: no ratio's {a.confidence:.0%} interval lies above +{_percent(a.max_regression):.1%} growth over {a.baseline}")
     return 0
 
 

@@ -19,7 +19,10 @@ def load_model(args):
 def cmd_build(args) -> int:
     from .bundle.build import build_bundle, compile_bundle, format_table, summary_rows
 
+    from .bundle.build import check_gpu_targets
+
     targets = [t.strip().lower() for t in args.gpu_targets.split(",")] if args.gpu_targets else None
+    check_gpu_targets(targets, "tensorrt" if args.from_onnx else args.runtime, args.precision)  # before loading weights
     if args.from_onnx:
         manifest = compile_bundle(args.from_onnx, args.out, gpu_targets=targets, progress=not args.quiet)
         out = Path(args.out or args.from_onnx)
@@ -124,8 +127,11 @@ def cmd_ask(args) -> int:
     from .runtime.pipeline import MixpertPipeline
     from .serving.ask import LanguageModel, ask
 
+    from mixpert_train.weights import read_snapshot_config
+
     if args.llm_device:  # before minutes of loading engines and a 7B LLM
         require_device("--llm-device", args.llm_device, "run on a host with a CUDA GPU, or drop --llm-device (the CPU)")
+    read_snapshot_config(args.llm, "--llm")  # likewise: a wrong --llm is one line naming --llm
     pipe = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device, strategy=args.strategy,
                                         tau=args.tau, packed=True)
     llm = LanguageModel.from_snapshot(args.llm, device=args.llm_device or "cpu")
@@ -150,7 +156,7 @@ def cmd_triton(args) -> int:
             raise MixpertError(f"--expert-instances {args.expert_instances!r}: expected name=count[,name=count]")
         per[name.strip()] = int(n)
     out = write_repository(args.engines, args.out, platform=args.platform, kind=args.kind, instances=args.instances,
-                           expert_instances=per, max_batch_size=args.max_batch_size)
+                           expert_instances=per, max_batch_size=args.max_batch_size, packed=args.packed)
     for model in sorted(p.name for p in Path(out).iterdir() if p.is_dir()):
         cfg = (Path(out) / model / "config.pbtxt").read_text()
         plat = next((l.split(":", 1)[1].strip().strip('"') for l in cfg.splitlines()
@@ -158,6 +164,13 @@ def cmd_triton(args) -> int:
         print(f"{model:28s} {plat}")
     print(f"\nmodel repository: {out}  (tritonserver --model-repository {out})")
     return 0
+
+
+def cmd_triton_start(args) -> int:
+    from .serving.triton_repo import start_local
+
+    return start_local(args.repository, args.host, {"http": args.http_port, "grpc": args.grpc_port,
+                                                    "metrics": args.metrics_port}, args.verbose)
 
 
 def _atomic_write(path: Path, data: bytes):
@@ -168,13 +181,62 @@ def _atomic_write(path: Path, data: bytes):
     os.replace(tmp, path)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors naming the command the user typed (a mistyped `build` flag is `build`'s
+    error, not the top-level usage), and a close match for a mistyped flag."""
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                if word.startswith("-") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def unit_interval(flag: str):
+    """argparse type for a routing threshold: a probability or a difference of two, so within [0, 1]."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]: {ROUTING_RANGE[flag]}")
+        return v
+    return parse
+
+
+ROUTING_RANGE = {"--tau": "top1 - top2 of softmax scores lies in [0, 1] (0: always the top expert, 1: every image to versatile)",
+                 "--lam": "the top softmax score lies in [0, 1] (0: always the top expert, 1: every image to versatile)"}
+
+
+def registry_help() -> tuple[str, str]:
+    """--backbone and --weights help from the registry and the family adapters (no list kept by hand)."""
+    from mixpert_train.backbones import REGISTRY
+    from mixpert_train.families import ADAPTERS
+
+    types = ", ".join(t for ad in ADAPTERS.values() for t in ad.config_types)
+    return (f"registry name: {', '.join(REGISTRY)} (optional with --weights/--checkpoint)",
+            f"local Hugging Face snapshot directory of an MLLM (config.json model_type {types}); only its vision tower "
+            "and projector tensors are read")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mixpert_export", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    from . import __version__
+
+    p = Parser(prog="python -m mixpert_export", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mixpert-deploy {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    backbone_help, weights_help = registry_help()
     b = sub.add_parser("build", help="export ONNX parts, validate them against torch, build TensorRT engines")
-    b.add_argument("--backbone", help="registry name: tiny, llava-ov-7b, tiny-internvl, internvl2-8b (optional with --weights/--checkpoint)")
+    b.add_argument("--backbone", help=backbone_help)
     src = b.add_argument_group("source (one of)")
-    src.add_argument("--weights", help="local Hugging Face LLaVA-OneVision snapshot directory")
+    src.add_argument("--weights", help=weights_help)
     src.add_argument("--checkpoint", help="Mixpert checkpoint directory written by mixpert_train")
     src.add_argument("--random-init", action="store_true", help="random weights: architecture only (shapes, latency)")
     src.add_argument("--from-onnx", metavar="DIR", help="compile the engines of an exported bundle (device compile)")
@@ -200,8 +262,8 @@ def main(argv=None) -> int:
                                                   "default: PIL on the host, bit-identical to transformers")
     r.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     r.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
-    r.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's, 0.6)")
-    r.add_argument("--lam", type=float, help="score-threshold threshold (default: the bundle's)")
+    r.add_argument("--tau", type=unit_interval("--tau"), help="score-difference threshold in [0, 1] (default: the bundle's, 0.6)")
+    r.add_argument("--lam", type=unit_interval("--lam"), help="score-threshold threshold in [0, 1] (default: the bundle's)")
     r.add_argument("--per-crop", action="store_true", help="route every crop on its own (paper Table 8)")
     r.add_argument("--json", help="one record per input: path, expert, scores, margin, crops, or its error")
     r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position "
@@ -220,7 +282,7 @@ def main(argv=None) -> int:
                                                   "default: PIL on the host, bit-identical to transformers")
     s.add_argument("--device", help="cpu or cuda (default: the runtime's)")
     s.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
-    s.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
+    s.add_argument("--tau", type=unit_interval("--tau"), help="score-difference threshold in [0, 1] (default: the bundle's)")
     s.add_argument("--max-batch-size", type=int, default=32, help="requests Triton merges into one pipeline call")
     s.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher wait for more requests")
     s.add_argument("--packed", action="store_true", help="answer with `embeddings` [1, L, D_llm], the sequence the "
@@ -239,7 +301,7 @@ def main(argv=None) -> int:
     a.add_argument("--device", help="the engines' device: cpu or cuda (default: the runtime's)")
     a.add_argument("--llm-device", help="the language model's device (default cpu)")
     a.add_argument("--strategy", choices=["direct", "score-threshold", "score-difference"])
-    a.add_argument("--tau", type=float, help="score-difference threshold (default: the bundle's)")
+    a.add_argument("--tau", type=unit_interval("--tau"), help="score-difference threshold in [0, 1] (default: the bundle's)")
     a.add_argument("--max-new-tokens", type=int, default=32)
     a.add_argument("--json", action="store_true", help="one JSON record: text, token ids, expert, scores, timings")
     a.set_defaults(func=cmd_ask)
@@ -253,8 +315,21 @@ def main(argv=None) -> int:
     t.add_argument("--instances", type=int, default=1, help="instances of each part and of the mixpert model")
     t.add_argument("--expert-instances", help="per expert, e.g. general=2,chart=1 (default --instances)")
     t.add_argument("--max-batch-size", type=int, default=16, help="requests the mixpert model takes a call")
+    t.add_argument("--packed", action="store_true", help="the mixpert model answers with `embeddings` [1, L, D_llm], "
+                                                         "the sequence the MLLM splices in, as serve --packed does")
     t.set_defaults(func=cmd_triton)
-    args = p.parse_args(argv)
+    ts = sub.add_parser("triton-start", help="run a repository written with `triton --platform python` on the "
+                                             "tritonserver nvidia-pytriton ships (CPU, no container needed)")
+    ts.add_argument("repository", help="model repository directory (from triton --platform python)")
+    ts.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ts.add_argument("--http-port", type=int, default=8000)
+    ts.add_argument("--grpc-port", type=int, default=8001)
+    ts.add_argument("--metrics-port", type=int, default=8002)
+    ts.add_argument("--verbose", action="store_true", help="Triton's verbose log (kept in the log file)")
+    ts.set_defaults(func=cmd_triton_start)
+    args, extra = p.parse_known_args(argv)
+    if extra:  # the subcommand's own error and usage, not the top level's
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except MixpertError as e:

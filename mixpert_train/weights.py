@@ -22,13 +22,14 @@ from .model import VERSATILE, MixpertConfig, MixpertVision
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
-def read_snapshot_config(snapshot: str | Path) -> dict:
+def read_snapshot_config(snapshot: str | Path, flag: str = "--weights") -> dict:
+    """The snapshot's config.json; `flag` is the option the user passed the directory with (named in errors)."""
     snap = Path(snapshot)
     if not snap.is_dir():
-        raise MixpertError(f"--weights {snap}: no such directory; pass a local MLLM snapshot (config.json + *.safetensors)")
+        raise MixpertError(f"{flag} {snap}: no such directory; pass a local MLLM snapshot (config.json + *.safetensors)")
     path = snap / "config.json"
     if not path.is_file():
-        raise MixpertError(f"{path}: missing; --weights must be a Hugging Face snapshot directory with config.json")
+        raise MixpertError(f"{path}: missing; {flag} must be a Hugging Face snapshot directory with config.json")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -44,7 +45,7 @@ def backbone_from_snapshot(snapshot: str | Path, name: str | None = None) -> Bac
     base = REGISTRY.get(name) if name else None
     if base is not None and base.family != ad.family:
         raise MixpertError(f"{source}: a {cfg.get('model_type')} snapshot ({ad.family} tower), but --backbone {name} "
-                           f"is a {base.family} model; pass the matching --backbone or the right snapshot")
+                           f"takes the {base.family} tower; pass the matching --backbone or the right snapshot")
     processor, processor_file = processor_from_snapshot(snapshot, ad) if ad.reads_processor_file(cfg) else (None, None)
     return ad.backbone_from_config(cfg, name or Path(snapshot).name, base, source, processor, processor_file)
 
@@ -140,7 +141,7 @@ def load_snapshot(model: MixpertVision, snapshot: str | Path) -> dict:
     missing = [k for k in need if k not in wanted]
     if missing:
         raise MixpertError(f"{snap}: tensor for {missing[0]} not found ({len(missing)} missing); "
-                           f"is this a {bb_kind(cfg.backbone)} snapshot of this architecture?")
+                           f"is this a complete snapshot of this architecture (model_type {bb_kind(cfg.backbone)})?")
     by_shard: dict[Path, list[str]] = {}
     for tgt in need:
         by_shard.setdefault(wanted[tgt][1], []).append(tgt)

@@ -137,7 +137,7 @@ def test_packed_embeddings_are_what_transformers_splices_in(internvl):
 
 def test_snapshot_of_another_family_is_refused(internvl, tiny_snapshot):
     _, snap = internvl
-    with pytest.raises(MixpertError, match=r"internvl snapshot \(internvit tower\), but --backbone tiny is a siglip") as e:
+    with pytest.raises(MixpertError, match=r"internvl snapshot \(internvit tower\), but --backbone tiny takes the siglip") as e:
         backbone_from_snapshot(snap, "tiny")
     assert "\n" not in str(e.value)
     with pytest.raises(MixpertError, match=r"llava_onevision snapshot \(siglip tower\), but --backbone internvl2-8b"):
@@ -206,7 +206,7 @@ def test_bundle_everything_versatile_equals_transformers(internvl, bundle, runti
 
     model, snap = internvl
     k, path = bundle
-    pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
+    pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.0)
     assert pipe.cfg.expert_layers == k and pipe.cfg.domains == ("chart", "doc", "general")
     images = _images()
     results = pipe(images)
@@ -296,7 +296,7 @@ def test_serve_and_triton_repository(internvl, bundle, tmp_path):
     assert [list(o.dims) for o in part.input] == [[65, 96]] and [list(o.dims) for o in part.output] == [[16, 128]]
     images = _images()[1:4]
     _, counts, ref = reference_features(model, snap, images)
-    with ServeProcess(path, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.01"]) as server:
+    with ServeProcess(path, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.0"]) as server:
         client = MixpertClient(server.url)
         start = 0
         for im, n in zip(images, counts):
@@ -422,7 +422,7 @@ def test_ask_equals_transformers_generate(internvl, bundle):
     question, new = " w10 w11 w12", 10
     answers = []
     for runtime in ("torch", "onnxruntime"):
-        pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.01)
+        pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.0)
         for im in _images()[:3]:
             px = reference_pixels(snap, [im])
             n = int(px["num_patches"][0]) * 16

@@ -60,7 +60,7 @@ def case(request, tmp_path_factory):
 @pytest.mark.parametrize("runtime,tol", [("torch", 1e-5), ("onnxruntime", 1e-4)])
 def test_packed_embeddings_equal_transformers_packing(case, runtime, tol):
     model, bundle = case
-    pipe = MixpertPipeline.from_engines(bundle, runtime=runtime, packed=True, strategy="score-difference", tau=1.01)
+    pipe = MixpertPipeline.from_engines(bundle, runtime=runtime, packed=True, strategy="score-difference", tau=1.0)
     imgs = photos()
     shrunk = 0
     for img, res in zip(imgs, pipe(imgs)):
@@ -83,7 +83,7 @@ def test_packed_cli_and_refusals(case, tmp_path, capsys):
         paths.append(str(tmp_path / f"{i}.png"))
         img.save(paths[-1])
     out = tmp_path / "f.npz"
-    assert main(["run", "--engines", str(bundle), *paths, "--runtime", "onnxruntime", "--packed", "--tau", "1.01",
+    assert main(["run", "--engines", str(bundle), *paths, "--runtime", "onnxruntime", "--packed", "--tau", "1.0",
                  "--save-features", str(out)]) == 0
     feats = np.load(out)
     for i, img in enumerate(photos()[:3]):
@@ -106,7 +106,7 @@ def test_serve_packed_answers_the_embeddings(case, tmp_path):
 
     model, bundle = case
     assert model.config.vision_aspect_ratio == "anyres_max_2"
-    with ServeProcess(bundle, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.01"]) as server:
+    with ServeProcess(bundle, log=tmp_path / "serve.log", extra=["--packed", "--tau", "1.0"]) as server:
         client = MixpertClient(server.url)
         for img in photos()[2:5]:
             buf = io.BytesIO()

@@ -3,6 +3,10 @@ repository served by a real tritonserver), and `serve` through PyTriton: a 32 x 
 the in-process pipeline, bad requests beside good ones, and a server restart. Loopback only, bounded."""
 
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -260,3 +264,92 @@ def test_serve_callables_share_one_pipeline_and_preprocess_on_worker_threads(bun
     assert threads_seen == {"mixpert-preprocess"}
     with pytest.raises(MixpertError, match="--instances 0"):
         create_server(pipe, instances=0)
+
+
+# ---------------------------------------------------------------------------------------- issue 30: first hour
+def _wait_ready(url: str, proc, out_path: Path, timeout_s: float = 240.0):
+    client = MixpertClient(url)
+    t0 = time.time()
+    while not client.ready():
+        assert proc.poll() is None and time.time() - t0 < timeout_s, out_path.read_text()[-3000:]
+        time.sleep(0.5)
+    return client
+
+
+def test_packed_repository_started_by_triton_start_answers_as_the_packed_pipeline(bundle, images, tmp_path):
+    """`triton --packed` gives the repository serve --packed's outputs; `triton-start` runs it on the tritonserver
+    PyTriton ships (no manual stub or LD_LIBRARY_PATH), refuses a taken port in one line, and stops on SIGTERM
+    leaving neither its work directory nor its log behind."""
+    from mixpert_export.runtime.pipeline import MixpertPipeline
+
+    repo = tmp_path / "repo"
+    assert main(["triton", "--engines", str(bundle), "--out", str(repo), "--platform", "python", "--kind", "cpu",
+                 "--packed"]) == 0
+    cfg = read_config(repo / "mixpert" / "config.pbtxt")
+    d_llm = mf.bundle_config(mf.read_manifest(bundle)).backbone.llm_hidden_size
+    assert cfg.output[0].name == "embeddings" and list(cfg.output[0].dims) == [-1, d_llm]
+    assert cfg.parameters["packed"].string_value == "true"
+    ports = [free_port() for _ in range(3)]
+    flags = ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    log = tmp_path / "start.log"
+    proc = subprocess.Popen([sys.executable, "-m", "mixpert_export", "triton-start", str(repo), *flags], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = _wait_ready(f"127.0.0.1:{ports[1]}", proc, log)
+        want = MixpertPipeline.from_engines(bundle, runtime="onnxruntime", packed=True)(images[:4])
+        for img, w in zip(images[:4], want):
+            got = client.infer(img)
+            assert got.tokens is None and got.expert == w.expert and got.crops == w.crops
+            assert got.embeddings.shape == w.embeddings.shape and np.abs(got.embeddings - w.embeddings).max() <= 1e-5
+        again = subprocess.run([sys.executable, "-m", "mixpert_export", "triton-start", str(repo), *flags],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and again.stderr.count("\n") == 1 and "is in use" in again.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "serving repository" in text and "stopped" in text and "Traceback" not in text
+    left = [p for p in tmp.iterdir() if p.name != ".ses"]  # .ses: ONNX Runtime's own session id, kept by design
+    assert not left, left  # work directory and log removed after a clean stop
+    # the repository PyTriton's server cannot load is refused in one line naming the model
+    onnx_repo = write_repository(bundle, tmp_path / "onnx_repo", platform="onnxruntime_onnx", kind="cpu")
+    r = subprocess.run([sys.executable, "-m", "mixpert_export", "triton-start", str(onnx_repo)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "platform onnxruntime_onnx" in r.stderr
+
+
+def test_serve_stops_cleanly_on_sigterm_and_keeps_tritons_log_off_the_console(bundle, images, tmp_path):
+    """Before: after SIGTERM, 'leaked shared_memory objects' and a 22 MB ~/.cache/pytriton/workspace_* per run, and
+    Triton's E-lines on the console without --verbose."""
+    import tempfile
+
+    # PyTriton's handshake socket lives in its workspace: a Unix socket path must stay under 108 bytes, which
+    # pytest's tmp_path does not
+    home, tmp = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp")), tmp_path / "tmp"
+    tmp.mkdir()
+    ports = [free_port() for _ in range(3)]
+    env = dict(os.environ, PYTRITON_HOME=str(home), TMPDIR=str(tmp))
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "mixpert_export", "serve", "--engines", str(bundle), "--http-port",
+                             str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = _wait_ready(f"127.0.0.1:{ports[1]}", proc, log)
+        assert client.infer(images[0]).tokens is not None
+        assert len(list(home.glob("workspace_*"))) == 1 and len(list(tmp.glob("mixpert-triton-*.log"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "serving model 'mixpert'" in text and "Triton's log:" in text and text.rstrip().endswith("stopped")
+    assert "leaked" not in text and "Traceback" not in text
+    assert not re.search(r"^[EW]\d{4} ", text, re.M), text  # Triton's own E/W lines went to its log file
+    assert not list(home.glob("workspace_*")) and not list(tmp.glob("mixpert-triton-*.log"))
+    shutil.rmtree(home)

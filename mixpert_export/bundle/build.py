@@ -98,13 +98,35 @@ def default_gpu_targets(trt: trtb.TensorRT) -> tuple:
     return ("current",) if trtb.build_gpu() else ("sm80", "sm86", "sm89", "sm120")
 
 
+def check_gpu_targets(gpu_targets, runtime: str = "auto", precision: str = "fp32", prefer=None):
+    """Refuse --gpu-targets that cannot mean anything, before minutes of export: no engines will be built (ONNX
+    Runtime, int8, no TensorRT here), standard TensorRT (it builds for the GPU it runs on), an unknown target, or
+    `current` where this process sees no GPU."""
+    if not gpu_targets:
+        return
+    given = f"--gpu-targets {','.join(gpu_targets)}"
+    if runtime == "onnxruntime" or precision == "int8":
+        raise MixpertError(f"{given}: this build makes no TensorRT engines "
+                           f"({'--runtime onnxruntime' if runtime == 'onnxruntime' else '--precision int8'}); drop --gpu-targets")
+    if runtime == "auto" and not trtb.available():
+        raise MixpertError(f"{given}: neither tensorrt nor tensorrt_rtx is installed here, so no engines are built; "
+                           "drop --gpu-targets or install TensorRT-RTX")
+    if trtb.import_tensorrt(prefer).flavour != "tensorrt_rtx":
+        raise MixpertError(f"{given}: standard TensorRT builds for the GPU it runs on; the targets are TensorRT-RTX's. "
+                           "Drop --gpu-targets")
+    bad = [g for g in gpu_targets if g != "current" and g not in trtb.GPU_TARGETS]
+    if bad:
+        raise MixpertError(f"--gpu-targets {','.join(bad)}: unknown; choose from {','.join(trtb.GPU_TARGETS)} or current")
+    if "current" in gpu_targets and trtb.build_gpu() is None:
+        raise MixpertError(f"{given}: this process sees no CUDA GPU, so there is no current one; name the appliance's "
+                           f"architectures (--gpu-targets {','.join(trtb.GPU_TARGETS[1:4])}) or build on the appliance")
+
+
 def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bool = True, prefer=None) -> dict:
     """Build one engine per part in `bundle` (ONNX already there); fills the manifest's engine sections."""
     trt = trtb.import_tensorrt(prefer)
+    check_gpu_targets(gpu_targets, "tensorrt", prefer=prefer)
     targets = tuple(gpu_targets) if gpu_targets else default_gpu_targets(trt)
-    bad = [g for g in targets if g != "current" and g not in trtb.GPU_TARGETS]
-    if bad:
-        raise MixpertError(f"--gpu-targets {','.join(bad)}: unknown; choose from {','.join(trtb.GPU_TARGETS)} or current")
     builder = trt.module.Builder(trtb._logger(trt))
     cache_path = bundle / "timing.cache"
     cache = trtb.new_timing_cache(trt, builder, cache_path)
@@ -146,6 +168,7 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
         raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
+    check_gpu_targets(gpu_targets, runtime, precision)
     # crops: four of the largest images a call; patches (attention over the whole call): one largest image's worth
     max_crops = int(max_crops or (4 if adapter_for(cfg.backbone).rows == "crops" else 1) * cfg.backbone.max_crops)
     t0 = time.perf_counter()

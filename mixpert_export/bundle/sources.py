@@ -35,8 +35,11 @@ def resolve(backbone: str | None = None, checkpoint: str | None = None, weights:
         raise MixpertError("pass --backbone NAME (" + ", ".join(sorted(REGISTRY)) + "), or --weights DIR / --checkpoint DIR")
     bb = get_backbone(backbone)
     if not random_init and bb.name != "tiny":
-        raise MixpertError(f"--backbone {bb.name} needs weights: --weights DIR (a local Hugging Face LLaVA-OneVision "
-                           "snapshot), --checkpoint DIR (from python -m mixpert_train), or --random-init for shapes and latency")
+        from mixpert_train.weights import bb_kind
+
+        raise MixpertError(f"--backbone {bb.name} needs weights: --weights DIR (a local Hugging Face snapshot, model_type "
+                           f"{bb_kind(bb)}), --checkpoint DIR (from python -m mixpert_train), or --random-init for shapes "
+                           "and latency")
     cfg = MixpertConfig.for_backbone(bb, expert_layers=expert_layers)
     return build_model(cfg, seed=seed), {"kind": "random-init", "seed": seed}
 

@@ -94,6 +94,15 @@ class MixpertPipeline:
         self.stats = PipelineStats()
         self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
+        for name, value, uses in (("tau", tau, "score-difference"), ("lam", lam, "score-threshold")):
+            if value is None:
+                continue
+            if not 0.0 <= value <= 1.0:  # a softmax score, or a difference of two: nothing outside [0, 1] means anything
+                raise MixpertError(f"--{name} {value}: outside [0, 1] (0: always the top expert, 1: every image to "
+                                   "versatile)")
+            if self.strategy != uses:  # never a setting silently ignored
+                raise MixpertError(f"--{name} {value}: only the {uses} strategy uses it, and this pipeline routes by "
+                                   f"{self.strategy}; pass --strategy {uses}, or drop --{name}")
 
     @classmethod
     def from_engines(cls, bundle: str | Path, runtime: str = "auto", device: str | None = None, model=None,

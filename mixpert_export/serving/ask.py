@@ -63,7 +63,8 @@ class LanguageModel:
         return int(self.model.get_input_embeddings().embedding_dim)
 
     @classmethod
-    def from_snapshot(cls, snapshot: str | Path, device: str = "cpu", dtype: str | None = None) -> "LanguageModel":
+    def from_snapshot(cls, snapshot: str | Path, device: str = "cpu", dtype: str | None = None,
+                      flag: str = "--llm") -> "LanguageModel":
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +72,7 @@ class LanguageModel:
         from mixpert_train.weights import _open, _shard_map, read_snapshot_config
 
         snap = Path(snapshot)
-        config = read_snapshot_config(snap)
+        config = read_snapshot_config(snap, flag)
         family = adapter_for_config(config, str(snap / "config.json"))
         if "text_config" not in config:
             raise MixpertError(f"{snap / 'config.json'}: no text_config (model_type {config.get('model_type')!r}); "

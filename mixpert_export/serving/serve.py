@@ -107,17 +107,41 @@ def model_tensors(pipeline):
     return inputs, outputs
 
 
+def check_ports(host: str, ports: dict[str, int]):
+    """Refuse, in one line naming the flag, a port another process listens on (Triton would start, fail to bind,
+    and PyTriton would end up talking to the other server), or one port given for two endpoints."""
+    import socket
+
+    seen = {}
+    for flag, port in ports.items():
+        if port in seen:
+            raise MixpertError(f"{flag} {port}: also given as {seen[port]}; the three endpoints need three ports")
+        seen[port] = flag
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            raise MixpertError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no conflict
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                raise MixpertError(f"{flag} {port}: {host}:{port} is {'in use' if e.errno == 98 else e.strerror} "
+                                   f"(another server?); stop it or pass a free port with {flag}") from None
+
+
 def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PORTS["http"],
                   grpc_port: int = DEFAULT_PORTS["grpc"], metrics_port: int = DEFAULT_PORTS["metrics"],
                   max_batch_size: int = 32, max_queue_delay_us: int = 2000, verbose: bool = False,
-                  instances: int = 2, workers: int | None = None):
+                  instances: int = 2, workers: int | None = None, log_file: str | Path | None = None):
     """A started-on-run() PyTriton server with `mixpert` bound. Use as a context manager; .run() returns once
     the model is ready, .serve() blocks.
 
     `instances` callables share the one pipeline, so Triton hands a second merged batch to the model while the
     first one runs: its images are decoded and preprocessed (PIL releases the GIL) while the first batch's crops
     are on the runtime, and a backend with static buffers still runs one call at a time (the pipeline's lock).
-    In flight at most `instances` x `max_batch_size` requests: memory stays bounded."""
+    In flight at most `instances` x `max_batch_size` requests: memory stays bounded. `log_file`: Triton's own log
+    goes there instead of stderr (serve passes one unless --verbose)."""
     os.environ.update(python_backend_env())  # before the server process starts
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
@@ -126,7 +150,7 @@ def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PO
         logging.getLogger("pytriton").setLevel(logging.WARNING)
     config = TritonConfig(http_address=host, grpc_address=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, log_verbose=1 if verbose else 0,
-                          exit_on_error=True)
+                          log_file=Path(log_file) if log_file else None, exit_on_error=True)
     triton = Triton(config=config)
     inputs, outputs = model_tensors(pipeline)
     if instances < 1:
@@ -140,22 +164,48 @@ def create_server(pipeline, host: str = "127.0.0.1", http_port: int = DEFAULT_PO
 
 
 def serve(args) -> int:
+    import signal
+    import tempfile
+
     from mixpert_export.runtime.pipeline import MixpertPipeline
 
+    check_ports(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                            "--metrics-port": args.metrics_port})  # before loading anything
     pipeline = MixpertPipeline.from_engines(args.engines, runtime=args.runtime, device=args.device,
                                             strategy=args.strategy, tau=args.tau,
                                             preprocess_device=args.preprocess_device, packed=args.packed)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach it can send requests (no auth)", file=sys.stderr)
+    log = None if args.verbose else Path(tempfile.mkstemp(prefix="mixpert-triton-", suffix=".log")[1])
     triton = create_server(pipeline, args.host, args.http_port, args.grpc_port, args.metrics_port,
-                           args.max_batch_size, args.max_queue_delay_us, args.verbose, args.instances, args.workers)
+                           args.max_batch_size, args.max_queue_delay_us, args.verbose, args.instances, args.workers,
+                           log_file=log)
+
+    def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops as Ctrl-C does: server, workspace, shm
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     d = pipeline.describe()["backend"]
-    with triton:
-        triton.run()
-        print(f"serving model '{MODEL}' from {args.engines} ({d['runtime']} {d['version']} on {d['device']}): "
-              f"grpc {args.host}:{args.grpc_port}, http {args.host}:{args.http_port}; Ctrl-C stops", flush=True)
-        try:
-            triton.serve()
-        except KeyboardInterrupt:
-            pass
+    clean = False
+    try:
+        with triton:
+            try:
+                triton.run()
+            except Exception as e:  # PyTriton's errors are tracebacks; Triton's reason is in its log
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise MixpertError(f"Triton did not start ({type(e).__name__}: {first})"
+                                   + (f"; its log: {log}" if log else "")) from None
+            print(f"serving model '{MODEL}' from {args.engines} ({d['runtime']} {d['version']} on {d['device']}): "
+                  f"grpc {args.host}:{args.grpc_port}, http {args.host}:{args.http_port}"
+                  + (f"; Triton's log: {log}" if log else "") + "; Ctrl-C stops", flush=True)
+            try:
+                triton.serve()
+            except KeyboardInterrupt:
+                pass
+        clean = True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if log is not None and clean:
+            log.unlink(missing_ok=True)  # kept when the server failed: the error's detail is there
+    print("stopped", file=sys.stderr)
     return 0

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mixpert_export.bundle.manifest import read_packing
 from mixpert_export.runtime.backends.base import Backend
 from mixpert_export.runtime.pipeline import MixpertPipeline
-from mixpert_export.serving.serve import INPUT, OUTPUTS, PipelineCallable
+from mixpert_export.serving.serve import INPUT, OUTPUTS, PACKED_OUTPUTS, PipelineCallable
 from mixpert_train.errors import MixpertError
 
 
@@ -56,7 +57,10 @@ class TritonPythonModel:
         manifest = json.loads((version_dir / "manifest.json").read_text())
         models = json.loads(config["parameters"]["part_models"]["string_value"])
         backend = TritonBLSBackend(models).load(version_dir, manifest)
-        self.call = PipelineCallable(MixpertPipeline(backend, manifest))
+        packed = config["parameters"].get("packed", {}).get("string_value") == "true"
+        packing = read_packing(version_dir, manifest) if packed else None  # `triton --packed`: what serve --packed answers
+        self.outputs = PACKED_OUTPUTS if packed else OUTPUTS
+        self.call = PipelineCallable(MixpertPipeline(backend, manifest, packing=packing))
 
     def execute(self, requests):
         feeds = [{INPUT: pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy()} for r in requests]
@@ -71,5 +75,5 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error.decode())))
             else:
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(n, answer[n]) for n in OUTPUTS]))
+                    output_tensors=[pb_utils.Tensor(n, answer[n]) for n in self.outputs]))
         return responses

@@ -94,13 +94,15 @@ def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str,
     return cfg
 
 
-def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int):
+def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int, packed: bool = False):
+    """The `mixpert` model: the outputs `serve` answers with (packed: `embeddings` [L, D_llm] in place of `tokens`)."""
     cfg_model = mf.bundle_config(manifest)
     bb, n = cfg_model.backbone, len(cfg_model.domains)
     cfg = pb.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch_size)
     cfg.input.add(name=INPUT, data_type=pb.TYPE_STRING, dims=[1])
     tokens = [-1] + [int(d) for d in adapter_for(bb).io(bb)["tokens"][1:]]  # [crops, T, D] or [merged, D]
-    for name, dtype, dims in (("tokens", pb.TYPE_FP32, tokens),
+    first = ("embeddings", pb.TYPE_FP32, [-1, bb.llm_hidden_size]) if packed else ("tokens", pb.TYPE_FP32, tokens)
+    for name, dtype, dims in (first,
                               ("expert", pb.TYPE_STRING, [1]), ("scores", pb.TYPE_FP32, [n]),
                               ("crops", pb.TYPE_INT32, [1]), ("error", pb.TYPE_STRING, [1])):
         cfg.output.add(name=name, data_type=dtype, dims=dims)
@@ -108,17 +110,22 @@ def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int):
     cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     cfg.parameters["part_models"].string_value = json.dumps({p: part_model_name(p) for p in manifest["parts"]
                                                               if p != "single_encoder"})
+    cfg.parameters["packed"].string_value = "true" if packed else "false"
     return cfg
 
 
 def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto", kind: str = "gpu",
-                     instances: int = 1, expert_instances: dict | None = None, max_batch_size: int = 16) -> Path:
-    """Write the repository all or nothing (a temporary sibling renamed at the end). Returns `out`."""
+                     instances: int = 1, expert_instances: dict | None = None, max_batch_size: int = 16,
+                     packed: bool = False) -> Path:
+    """Write the repository all or nothing (a temporary sibling renamed at the end). Returns `out`. packed: the
+    `mixpert` model answers with `embeddings`, the sequence the MLLM splices in, as `serve --packed` does."""
     pb, text_format = _pb()
     bundle, out = Path(bundle), Path(out)
     if platform not in PLATFORMS:
         raise MixpertError(f"--platform {platform}: expected one of {', '.join(PLATFORMS)}")
     manifest = mf.read_manifest(bundle)
+    if packed:
+        mf.read_packing(bundle, manifest)  # present and intact, before anything is written
     platform = _platform(manifest, bundle, platform)
     mf.verify_files(bundle, manifest, "engine" if platform == "tensorrt_plan" else "onnx")
     expert_instances = dict(expert_instances or {})
@@ -148,7 +155,10 @@ def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto"
         version.mkdir(parents=True)
         shutil.copyfile(here / "triton_model.py", version / "model.py")
         (version / mf.NAME).write_text(json.dumps(manifest, indent=2))
-        (tmp / MODEL / "config.pbtxt").write_text(text_format.MessageToString(mixpert_config(pb, manifest, instances, max_batch_size)))
+        if packed:
+            shutil.copyfile(bundle / manifest["packing"]["file"], version / manifest["packing"]["file"])
+        (tmp / MODEL / "config.pbtxt").write_text(
+            text_format.MessageToString(mixpert_config(pb, manifest, instances, max_batch_size, packed)))
     return out
 
 
@@ -197,3 +207,83 @@ def local_server(repo: str | Path, workdir: str | Path, host: str = "127.0.0.1",
             f"--metrics-port={metrics_port}", "--exit-on-error=true", "--strict-readiness=true",
             f"--backend-config=python,shm-region-prefix-name=mixpert{os.getpid()}"]
     return argv, env
+
+
+def python_only(repo: str | Path) -> None:
+    """Refuse, naming the model, a repository the tritonserver PyTriton ships cannot load: it has the Python backend
+    and no onnxruntime or tensorrt backend (write the repository with --platform python)."""
+    repo = Path(repo)
+    models = sorted(p for p in repo.iterdir() if (p / "config.pbtxt").is_file()) if repo.is_dir() else []
+    if not models:
+        raise MixpertError(f"{repo}: no model repository here (no */config.pbtxt); write one with python -m "
+                           "mixpert_export triton --platform python --engines BUNDLE --out DIR")
+    for m in models:
+        cfg = read_config(m / "config.pbtxt")
+        if cfg.backend != "python":
+            raise MixpertError(f"{m / 'config.pbtxt'}: platform {cfg.platform or cfg.backend}; the tritonserver nvidia-pytriton "
+                               "ships has only the Python backend: rewrite with --platform python, or run your own tritonserver")
+
+
+def start_local(repo: str | Path, host: str = "127.0.0.1", ports: dict | None = None, verbose: bool = False,
+                timeout_s: float = 300.0) -> int:
+    """Run a written repository on PyTriton's tritonserver until Ctrl-C or SIGTERM (the `triton-start` command):
+    ports checked first, the backend stub and libraries set up in a temporary directory, Triton's log in a file
+    (kept only when it failed), ready when /v2/health/ready answers."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from .serve import DEFAULT_PORTS, check_ports
+
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    python_only(repo)
+    check_ports(host, {f"--{k}-port": v for k, v in ports.items()})
+    log = Path(tempfile.mkstemp(prefix="mixpert-tritonserver-", suffix=".log")[1])
+    ok = False
+    with tempfile.TemporaryDirectory(prefix="mixpert-tritonserver-") as work:
+        argv, env = local_server(repo, work, host, ports["http"], ports["grpc"], ports["metrics"])
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv + [f"--log-verbose={int(verbose)}"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            url, t0 = f"http://{host}:{ports['http']}/v2/health/ready", time.time()
+            while True:
+                if proc.poll() is not None or time.time() - t0 > timeout_s:
+                    raise MixpertError(f"{repo}: tritonserver {'exited' if proc.poll() is not None else 'was not ready'} "
+                                       f"(see its log: {log})")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            print(f"serving repository {repo} on tritonserver (nvidia-pytriton's): grpc {host}:{ports['grpc']}, "
+                  f"http {host}:{ports['http']}; Triton's log: {log}; Ctrl-C stops", flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                pass
+            ok = proc.returncode in (None, 0)
+        except KeyboardInterrupt:
+            ok = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if proc.poll() is None:
+                proc.terminate()  # tritonserver unloads its models and removes its shared memory on SIGTERM
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if ok and not verbose:
+        log.unlink(missing_ok=True)
+    print("stopped", file=sys.stderr)
+    return 0 if ok else 1
