@@ -1,13 +1,13 @@
 """Mixpert's latency over the single encoder, measured side by side in one process on the same runtime.
 
     python benchmarks/latency.py --backbone tiny|llava-ov-7b [--bundle DIR] --runtime onnxruntime|torch|tensorrt
-        [--device cpu|cuda] --batch 1 4 --crops 1 [--rounds 15] [--runs N] [--cases a b c]
-        [--baseline FILE [--max-regression 5%] [--confidence 0.95]] [--inject-slowdown 10%]
+        [--device cpu|cuda] --batch 1 4 --crops 1 [--rounds N] [--runs N] [--cases a b c]
+        [--baseline FILE [--max-regression 3%] [--confidence 0.95]] [--inject-slowdown 10%]
 
-The regression gate (README, "The latency gate"): a baseline is --runs 5 separate processes; a gate run is compared
-with it per gated ratio (b/a, c/a) and point, the run being the unit; a regression when the whole t interval of the
-growth lies above --max-regression. --inject-slowdown makes b and c slower by a busy wait in this harness, to test
-the gate; such a report is never accepted as a baseline.
+The regression gate (README, "The latency gate"): a baseline is --runs 5 separate processes; a gate (by default
+--runs 3) is compared with it per gated ratio (b/a, c/a) and point, the run being the unit; a regression when the
+whole t interval of the growth lies above --max-regression (default 3%). --inject-slowdown makes b and c slower by
+a busy wait in this harness, to test the gate; such a report is never accepted as a baseline.
 
 Cases, same inputs, interleaved rounds (order rotated each round), warm-up first:
   a  single encoder: the unsplit tower + projector as one model
@@ -42,8 +42,12 @@ CASES = ("a_single", "b_one_domain", "c_mixed", "d_two_encoders", "e_dense", "f_
 RATIOS = ("b_one_domain", "c_mixed", "d_two_encoders", "e_dense")
 # f: trunk + router + one expert called directly, no pipeline: b/f is the orchestrator's own overhead
 GATED = ("b_one_domain", "c_mixed")  # what the regression gate watches
-DEFAULT_ROUNDS = 15  # see README: the gate's false-alarm and detection figures were measured with these defaults
-DEFAULT_MAX_REGRESSION = "5%"
+# --rounds by default: at least DEFAULT_ROUNDS, and enough to time each point for MIN_POINT_S (up to MAX_ROUNDS), so
+# millisecond calls (tiny, a GPU) get the rounds their round-to-round scatter needs and 5-second calls are not
+# repeated for minutes; the README's gate figures were measured with these defaults
+DEFAULT_ROUNDS, MIN_POINT_S, MAX_ROUNDS = 15, 3.0, 300
+DEFAULT_MAX_REGRESSION = "3%"
+DEFAULT_GATE_RUNS = 3  # --runs with --baseline: the gate judges the mean of this many separate processes
 
 
 def device_name(backend) -> str:
@@ -191,9 +195,15 @@ def measure(pipe: MixpertPipeline, batch: int, crops: int, rounds: int, warmup: 
     if inject:
         work |= {k: slowed(work[k], pipe.backend, inject) for k in GATED if k in work}
     timed = _timer(pipe.backend)
-    for _ in range(warmup):
+    round_s = 0.0
+    for _ in range(max(warmup, 1 if rounds is None else 0)):
+        t = time.perf_counter()
         for fn in work.values():
             fn()
+        pipe.backend.synchronize()
+        round_s = time.perf_counter() - t  # the last warm-up round's time sizes the auto rounds
+    if rounds is None:
+        rounds = int(min(MAX_ROUNDS, max(DEFAULT_ROUNDS, np.ceil(MIN_POINT_S / max(round_s, 1e-6)))))
     names = tuple(k for k in CASES if k in work)
     times = {k: [] for k in names}
     for r in range(rounds):
@@ -415,14 +425,23 @@ def gate_line(g: dict) -> str:
 GATE_KEYS = ("device", "runtime", "backbone", "precision")
 
 
-def gate_mismatch(report: dict, baseline: dict) -> str | None:
-    """Why this run cannot be gated against `baseline` (another device, runtime, backbone or precision, or no
-    (batch, crops) point in common), or None. Ratios from different machines are not comparable."""
+def baseline_problem(baseline: dict) -> str | None:
+    """Why `baseline` cannot be a baseline whatever is measured against it (one run: no spread; an injected
+    slowdown), or None."""
     if len(runs_of(baseline)) < 2:
         return (f"it holds {len(runs_of(baseline))} run; the gate needs the run-to-run spread: measure the baseline "
                 "with --runs 5")
     if baseline.get("injected_slowdown"):
         return f"the baseline ran with an injected slowdown of {baseline['injected_slowdown']:.0%} (gate testing only)"
+    return None
+
+
+def gate_mismatch(report: dict, baseline: dict) -> str | None:
+    """Why this run cannot be gated against `baseline` (not a baseline, another device, runtime, backbone or
+    precision, or no (batch, crops) point in common), or None. Ratios from different machines are not comparable."""
+    why = baseline_problem(baseline)
+    if why:
+        return why
     for k in GATE_KEYS:
         if k in baseline and baseline[k] != report.get(k):
             return f"the baseline was measured with {k} {baseline[k]!r}, this run has {report.get(k)!r}"
@@ -462,12 +481,14 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="+", default=[1])
     ap.add_argument("--sizes", nargs="+", default=["448x448", "640x480", "336x224", "224x224"],
                     help="patch families (qwen2-vl): image sizes WxH of the mix, cycled over the batch (--crops unused)")
-    ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                    help=f"interleaved rounds per point (default {DEFAULT_ROUNDS}: what the gate's figures were measured with)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"interleaved rounds per point (default: at least {DEFAULT_ROUNDS}, and enough for "
+                         f"{MIN_POINT_S:.0f} s of timing a point, at most {MAX_ROUNDS}: what the gate's figures were "
+                         "measured with)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=1,
-                    help="separate processes, one after another; the gate's unit (a baseline needs >= 2; --runs 5 is "
-                         "what the README's figures use for baselines)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="separate processes, one after another; the gate's unit (default 1, with --baseline "
+                         f"{DEFAULT_GATE_RUNS}; a baseline needs >= 2: --runs 5 is what the README's figures use)")
     ap.add_argument("--cases", nargs="+", choices=[k[0] for k in CASES], default=[k[0] for k in CASES],
                     help="which cases to time (a is always timed); a gate needs a, b, c: '--cases a b c' is the quick gate")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -493,10 +514,16 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: --baseline {a.baseline}: {e.__class__.__name__}: {e}; pass a JSON this script wrote", file=sys.stderr)
             return 2
+        why = baseline_problem(baseline)  # before minutes of timing
+        if why:
+            print(f"error: {a.baseline}: {why}; measure a baseline on this setup (--runs 5, no --baseline)", file=sys.stderr)
+            return 2
         if not set(GATED) <= only:
             print("error: --baseline gates b/a and c/a: keep cases a, b and c in --cases", file=sys.stderr)
             return 2
     bundle = ensure_bundle(a)
+    if a.runs is None:
+        a.runs = DEFAULT_GATE_RUNS if a.baseline else 1
     if a.runs < 1:
         print(f"error: --runs {a.runs}: at least one", file=sys.stderr)
         return 2

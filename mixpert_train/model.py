@@ -24,8 +24,8 @@ DOMAINS: tuple[str, ...] = ("chart", "doc", "math", "ocr", "general")
 VERSATILE = "versatile"  # the original joint-SFT weights; the fallback expert
 STRATEGIES = ("direct", "score-threshold", "score-difference")
 DEFAULT_STRATEGY = "score-difference"  # the paper's default
-DEFAULT_TAU = 0.6  # score-difference: top1 - top2 < tau -> versatile (paper)
-DEFAULT_LAM = 0.5  # score-threshold: top1 < lam -> versatile (our default; the paper sweeps it)
+DEFAULT_TAU = 0.6  # score-difference: top1 - top2 <= tau -> versatile (paper: below; equal only at the edges)
+DEFAULT_LAM = 0.5  # score-threshold: top1 <= lam -> versatile (our default; the paper sweeps it)
 
 
 @dataclass(frozen=True)
@@ -290,8 +290,10 @@ def route(scores, domains: Sequence[str] = DOMAINS, strategy: str = DEFAULT_STRA
           tau: float = DEFAULT_TAU, lam: float = DEFAULT_LAM) -> list[str]:
     """One expert name per row of `scores` [B, n_domains] (softmax probabilities).
 
-    direct: argmax; score-threshold: top1 < lam -> versatile; score-difference: top1 - top2 < tau -> versatile.
-    Rows that are not finite go to versatile (the expert that was trained on everything).
+    direct: argmax; score-threshold: top1 <= lam -> versatile; score-difference: top1 - top2 <= tau -> versatile.
+    At or below, so the edges of [0, 1] mean what a user expects even when a float32 softmax saturates to exactly
+    [1, 0, ...]: 1 sends every image to versatile, 0 only exact ties (which have no winner). Rows that are not
+    finite go to versatile (the expert that was trained on everything).
     """
     s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != len(domains):
@@ -306,9 +308,9 @@ def route(scores, domains: Sequence[str] = DOMAINS, strategy: str = DEFAULT_STRA
         order = np.argsort(-row, kind="stable")
         top1 = row[order[0]]
         top2 = row[order[1]] if len(row) > 1 else -math.inf
-        if strategy == "score-threshold" and top1 < lam:
+        if strategy == "score-threshold" and top1 <= lam:
             out.append(VERSATILE)
-        elif strategy == "score-difference" and top1 - top2 < tau:
+        elif strategy == "score-difference" and top1 - top2 <= tau:
             out.append(VERSATILE)
         else:
             out.append(domains[int(order[0])])

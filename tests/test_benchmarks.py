@@ -135,14 +135,17 @@ def test_gate_catches_an_injected_slowdown_and_never_overwrites_its_baseline(tmp
     assert len(rep["runs"]) == 3 and rep["results"][0]["rounds"] == 15 and rep["results"][0]["runs"] == 3
     assert set(rep["results"][0]["cases"]) == {"a_single", "b_one_domain", "c_mixed"}
     capsys.readouterr()
-    # b and c take twice as long: caught with the default 5% allowance, both ratios, exit 1
-    assert latency.main(args + ["--runs", "2", "--baseline", str(base), "--inject-slowdown", "100%"]) == 1
+    # b and c take twice as long: caught with the defaults (3 runs, auto rounds, 3% allowance), both ratios, exit 1
+    auto = [x for i, x in enumerate(args) if x != "--rounds" and args[i - 1] != "--rounds"]
+    assert latency.main(auto + ["--baseline", str(base), "--inject-slowdown", "100%"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("REGRESSION ") for line in err)
     injected = json.loads((out / base.name.replace(".json", "_gate_injected.json")).read_text())
     assert injected["injected_slowdown"] == 1.0 and all(g["regressed"] for g in injected["gate"]["rows"])
+    # auto rounds: at least 15, enough for 3 s of timing a point, at most 300 (a tiny point is milliseconds)
+    assert len(injected["runs"]) == 3 and all(15 < run[0]["rounds"] <= 300 for run in injected["runs"])
     # no injection, a generous allowance (this checks the plumbing, the statistics have their own test): passes
-    assert latency.main(args + ["--baseline", str(base), "--max-regression", "50%"]) == 0  # one run
+    assert latency.main(args + ["--baseline", str(base), "--max-regression", "50%", "--runs", "1"]) == 0  # one run
     assert base.read_text() == first  # the gate wrote latency_..._gate.json beside it
     assert (out / base.name.replace(".json", "_gate.json")).is_file()
     # an injected run or a single run is no baseline; a gate without b or c has nothing to judge
@@ -150,6 +153,30 @@ def test_gate_catches_an_injected_slowdown_and_never_overwrites_its_baseline(tmp
         assert latency.main(args + ["--baseline", str(out / base.name.replace(".json", bad))]) == 2
         assert why in capsys.readouterr().err
     assert latency.main(args[:-6] + ["--cases", "a", "b", "--out", str(out), "--baseline", str(base)]) == 2
+
+
+def test_gate_check_keeps_every_trial_and_counts_alarms(tmp_path):
+    """benchmarks/gate_check.py: a baseline, then alternating clean and injected gates, every trial in the report;
+    a 200% slowdown is a detection whatever the machine is doing."""
+    import gate_check
+    from mixpert_export.bundle.build import build_bundle
+    from mixpert_export.bundle.sources import resolve
+
+    model, src = resolve("tiny", random_init=True)
+    build_bundle(model, tmp_path / "b", runtime="onnxruntime", max_crops=4, source=src, progress=False)
+    out = tmp_path / "r"
+    assert gate_check.main(["--bundle", str(tmp_path / "b"), "--trials", "1", "--inject", "200%", "--baseline-runs", "2",
+                            "--out", str(out), "--", "--batch", "1", "--rounds", "5", "--warmup", "1", "--runs", "1",
+                            "--cases", "a", "b", "c"]) == 0
+    (js,) = out.glob("gate_check_*_onnxruntime_tiny_fp32.json")
+    rep = json.loads(js.read_text())
+    assert [t["kind"] for t in rep["trials"]] == ["clean", "injected"] and rep["detections"] == 1
+    assert all(len(t["rows"]) == 2 for t in rep["trials"]) and rep["inject"] == 2.0
+    assert len(rep["baseline"]["spread"]) == 2 and all(len(x["runs"]) == 2 for x in rep["baseline"]["spread"])
+    md = js.with_suffix(".md").read_text()
+    assert "**Detections: 1/1**" in md and f"**False alarms: {rep['false_alarms']}/1**" in md
+    with pytest.raises(SystemExit):
+        gate_check.main(["--bundle", "b", "--", "--baseline", "x.json"])  # the check sets the baseline itself
 
 
 def test_e2e_smoke_on_tiny(tmp_path):

@@ -33,8 +33,22 @@ def test_route_score_difference_default_tau():
 
 
 def test_route_score_threshold():
-    assert route(SCORES, strategy="score-threshold", lam=0.5) == ["chart", "doc", "general", VERSATILE]
+    assert route(SCORES, strategy="score-threshold", lam=0.45) == ["chart", "doc", "general", VERSATILE]
+    # at the threshold itself: versatile (top1 <= lam), as top1 - top2 <= tau (see the saturated-softmax test)
+    assert route(SCORES, strategy="score-threshold", lam=0.5) == ["chart", VERSATILE, "general", VERSATILE]
     assert route(SCORES, strategy="score-threshold", lam=0.95) == [VERSATILE] * 4
+
+
+def test_route_edges_of_the_unit_interval_hold_for_a_saturated_softmax():
+    """A float32 softmax of large logits is exactly [1, 0, ...]: tau = 1 and lam = 1 still send it to versatile
+    (what `--tau 1` promises), tau = 0 sends only an exact tie there, never a winner."""
+    logits = torch.tensor([[200.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 300.0]])
+    sat = torch.softmax(logits, dim=-1).numpy()
+    assert sat.max(axis=1).tolist() == [1.0, 1.0] and np.sort(sat, axis=1)[:, -2].tolist() == [0.0, 0.0]
+    assert route(sat, tau=1.0) == [VERSATILE] * 2 and route(sat, strategy="score-threshold", lam=1.0) == [VERSATILE] * 2
+    assert route(sat, tau=0.999) == ["chart", "general"]
+    tie = np.array([[0.4, 0.4, 0.1, 0.05, 0.05]])
+    assert route(tie, tau=0.0) == [VERSATILE] and route(tie, strategy="direct") == ["chart"]
 
 
 def test_route_nan_goes_to_versatile_and_bad_input_is_refused():
