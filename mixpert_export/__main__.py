@@ -10,6 +10,9 @@ from pathlib import Path
 from mixpert_train.errors import MixpertError
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int8-dynamic")  # bundle.build.PRECISIONS (a test keeps them equal)
+
+
 def load_model(args):
     from .bundle.sources import resolve
 
@@ -17,12 +20,15 @@ def load_model(args):
 
 
 def cmd_build(args) -> int:
-    from .bundle.build import build_bundle, compile_bundle, format_table, summary_rows
-
-    from .bundle.build import check_gpu_targets
+    from .bundle.build import build_bundle, check_gpu_targets, compile_bundle, format_table, summary_rows
+    from .bundle.quantize import PRECISIONS as CALIBRATED, calibration_split
 
     targets = [t.strip().lower() for t in args.gpu_targets.split(",")] if args.gpu_targets else None
     check_gpu_targets(targets, "tensorrt" if args.from_onnx else args.runtime, args.precision)  # before loading weights
+    if args.precision in CALIBRATED and not args.from_onnx:
+        calibration_split(args.calibration)  # likewise: a missing or thin --calibration is one line, now
+    elif args.calibration:
+        raise MixpertError(f"--calibration {args.calibration}: only --precision int8 or fp8 calibrates; drop it")
     if args.from_onnx:
         manifest = compile_bundle(args.from_onnx, args.out, gpu_targets=targets, progress=not args.quiet)
         out = Path(args.out or args.from_onnx)
@@ -37,7 +43,7 @@ def cmd_build(args) -> int:
         model, source = load_model(args)
         out = Path(args.out or f"engines/{model.cfg.backbone.name}")
         manifest = build_bundle(model, out, precision=args.precision, max_crops=args.max_crops, runtime=args.runtime,
-                                gpu_targets=targets, source=source, progress=not args.quiet)
+                                gpu_targets=targets, source=source, progress=not args.quiet, calibration=args.calibration)
     print(format_table(["part", "file", "onnx", "export", "validation (vs torch fp32)", "engine"], summary_rows(manifest)))
     trt = manifest.get("tensorrt")
     from mixpert_train.families import adapter_for
@@ -55,6 +61,8 @@ def cmd_build(args) -> int:
 
 def cmd_run(args) -> int:
     import numpy as np
+
+    from mixpert_train.preprocess import image_paths
 
     from .bundle.build import format_table
     from .runtime.pipeline import MixpertPipeline
@@ -88,31 +96,6 @@ def cmd_run(args) -> int:
         np.savez(buf, **{str(r.index): r.embeddings if args.packed else r.tokens for r in results if r.ok})
         _atomic_write(Path(args.save_features), buf.getvalue())
     return 0 if all(r.ok for r in results) else 1
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def image_paths(args: list[str]) -> list[str]:
-    """Files as given (a missing one becomes that image's error record); a directory: its image files, sorted; a
-    glob pattern (quoted, so the shell leaves it): its matches, sorted."""
-    import glob
-
-    out = []
-    for a in args:
-        if Path(a).is_dir():
-            found = sorted(str(p) for p in Path(a).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise MixpertError(f"{a}: a directory with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out += found
-        elif glob.has_magic(a) and not Path(a).exists():
-            found = sorted(glob.glob(a, recursive=True))
-            if not found:
-                raise MixpertError(f"{a}: the pattern matches no file")
-            out += found
-        else:
-            out.append(a)
-    return out
 
 
 def cmd_serve(args) -> int:
@@ -241,7 +224,11 @@ def main(argv=None) -> int:
     src.add_argument("--random-init", action="store_true", help="random weights: architecture only (shapes, latency)")
     src.add_argument("--from-onnx", metavar="DIR", help="compile the engines of an exported bundle (device compile)")
     b.add_argument("--out", help="bundle directory (default engines/<backbone>)")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    b.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 | fp16 | bf16; int8 or fp8: QDQ parts for TensorRT calibrated on --calibration and "
+                        "gated on its held-out images; int8-dynamic: ONNX Runtime CPU dynamic int8, no calibration")
+    b.add_argument("--calibration", metavar="DIR-or-glob", help="int8 / fp8: a few hundred images like the ones you "
+                   "will serve (every 5th held out for the gate: per part cosine, tokens cosine, routing agreement)")
     b.add_argument("--max-crops", type=int, help="crops a call at most (default 4 images x max crops an image); patch families (qwen2-vl): "
                    "patches a call, the patch budget (default: one image at max_pixels)")
     b.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "tensorrt"],

@@ -51,6 +51,31 @@ def _open(src) -> Image.Image:
         raise ImageError(f"{_describe(src)}: corrupt or truncated image data ({e})") from None
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_paths(args: list[str]) -> list[str]:
+    """Files as given (a missing one becomes that image's error record); a directory: its image files, sorted; a
+    glob pattern (quoted, so the shell leaves it): its matches, sorted."""
+    import glob
+
+    out = []
+    for a in args:
+        if Path(a).is_dir():
+            found = sorted(str(p) for p in Path(a).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise MixpertError(f"{a}: a directory with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
+        elif glob.has_magic(a) and not Path(a).exists():
+            found = sorted(glob.glob(a, recursive=True))
+            if not found:
+                raise MixpertError(f"{a}: the pattern matches no file")
+            out += found
+        else:
+            out.append(a)
+    return out
+
+
 def load_image(src) -> Image.Image:
     """An RGB PIL image, or ImageError naming the file and what is wrong with it."""
     name = _describe(src)

@@ -313,10 +313,10 @@ def test_internvl2_8b_random_init_fp16_build(tmp_path):
     assert m["parts"]["router"]["onnx"]["io"]["outputs"][0]["shape"] == ["images", 3]
 
 
-def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
+def test_int8_dynamic_bundle_is_gated_and_measured(tiny_model, tmp_path):
     out = tmp_path / "int8"
-    m = build_bundle(tiny_model, out, precision="int8", progress=False)
-    assert m["precision"] == "int8" and m["tensorrt"] is None and not (out / "fp32").exists()
+    m = build_bundle(tiny_model, out, precision="int8-dynamic", progress=False)
+    assert m["precision"] == "int8-dynamic" and m["tensorrt"] is None and not (out / "fp32").exists()
     mf.verify_files(out, mf.read_manifest(out), "onnx")
     for name, part in m["parts"].items():
         cos = next(iter(part["validation"]["outputs"].values()))["cosine"]
@@ -325,8 +325,8 @@ def test_int8_bundle_is_gated_and_measured(tiny_model, tmp_path):
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in g.graph.node)  # really quantised
     assert set(m["int8"]["routing_agreement"]) == {"direct", "score-threshold", "score-difference"}
     assert m["int8"]["speedup"]["fp32_ms"] > 0 and m["int8"]["speedup"]["int8_ms"] > 0
-    with pytest.raises(MixpertError, match="for TensorRT use --precision fp16"):
-        build_bundle(tiny_model, tmp_path / "x", precision="int8", runtime="tensorrt", progress=False)
+    with pytest.raises(MixpertError, match="for TensorRT use --precision int8 --calibration DIR"):
+        build_bundle(tiny_model, tmp_path / "x", precision="int8-dynamic", runtime="tensorrt", progress=False)
 
 
 def test_large_parts_use_external_data(tiny_model, tmp_path, monkeypatch):

@@ -62,14 +62,15 @@ def test_no_module_imports_one_that_imports_it_back():
     ("mixpert_train", ("mixpert_export", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx", "polygraphy")),
     ("mixpert_export.bundle", ("mixpert_export.runtime", "mixpert_export.serving")),
     ("mixpert_export.runtime", ("mixpert_export.serving", "mixpert_export.bundle.build", "mixpert_export.bundle.int8",
-                                "mixpert_export.bundle.validate")),
+                                "mixpert_export.bundle.quantize", "mixpert_export.bundle.validate")),
     ("mixpert_export.runtime.pipeline", ("torch", "onnxruntime", "tensorrt", "tensorrt_rtx",
                                          "mixpert_export.runtime.backends.torch",
                                          "mixpert_export.runtime.backends.onnxruntime",
                                          "mixpert_export.runtime.backends.tensorrt")),
     ("mixpert_export.runtime.backends", ("mixpert_export.runtime.pipeline",)),
     ("mixpert_export.serving", ("mixpert_export.bundle.build", "mixpert_export.bundle.int8",
-                                "mixpert_export.bundle.validate", "mixpert_export.bundle.onnx_export")),
+                                "mixpert_export.bundle.quantize", "mixpert_export.bundle.validate",
+                                "mixpert_export.bundle.onnx_export")),
 ])
 def test_rooms_import_only_downward(room, never):
     bad = sorted(f"{m} imports {i}" for m, p in SOURCES.items() if m == room or m.startswith(room + ".")

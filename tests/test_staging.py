@@ -59,7 +59,7 @@ def only(tmp_path, *names):
 
 # --- a directory that is not ours is never replaced -----------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["--precision", "int8"]], ids=["build", "int8"])
+@pytest.mark.parametrize("extra", [[], ["--precision", "int8-dynamic"]], ids=["build", "int8"])
 def test_build_refuses_a_users_directory_and_deletes_nothing(user_dir, tmp_path, capsys, extra):
     rc = export_main(["build", "--backbone", "tiny", "--random-init", "--out", str(user_dir), "--runtime", "onnxruntime",
                       "--quiet", *extra])
@@ -71,7 +71,7 @@ def test_build_refuses_a_users_directory_and_deletes_nothing(user_dir, tmp_path,
 
 def test_library_calls_refuse_too(model, user_dir, tmp_path):
     for write in (lambda: build_bundle(model, user_dir, runtime="onnxruntime", progress=False),
-                  lambda: build_bundle(model, user_dir, precision="int8", progress=False),
+                  lambda: build_bundle(model, user_dir, precision="int8-dynamic", progress=False),
                   lambda: save_checkpoint(model, user_dir)):
         with pytest.raises(MixpertError, match="exists and is not a"):
             write()

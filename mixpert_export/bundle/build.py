@@ -25,6 +25,8 @@ from . import tensorrt_build as trtb
 from .contract import PartSpec, part_specs
 from .onnx_export import OPSET, export_part, lowered, onnx_io
 from .int8 import quantize_bundle
+from .quantize import PRECISIONS as QDQ_PRECISIONS
+from .quantize import calibration_split, quantize_bundle_static
 from .validate import check, sample_inputs, validate_part
 
 
@@ -91,11 +93,17 @@ def pixel_contract(cfg) -> dict:
             "processor": type(pre.processor).__name__}
 
 
-def default_gpu_targets(trt: trtb.TensorRT) -> tuple:
-    """RTX: the build GPU where one is visible, else every RTX-class architecture; standard: the build GPU."""
+FP8_TARGETS = ("sm89", "sm120", "sm121")  # FP8 tensor cores: Ada and newer (TensorRT-RTX 1.7 refuses fp8 for sm80/86)
+
+
+def default_gpu_targets(trt: trtb.TensorRT, precision: str = "fp32") -> tuple:
+    """RTX: the build GPU where one is visible, else every RTX-class architecture (fp8: those with FP8 tensor cores);
+    standard: the build GPU."""
     if trt.flavour != "tensorrt_rtx":
         return ()
-    return ("current",) if trtb.build_gpu() else ("sm80", "sm86", "sm89", "sm120")
+    if trtb.build_gpu():
+        return ("current",)
+    return ("sm89", "sm120") if precision == "fp8" else ("sm80", "sm86", "sm89", "sm120")
 
 
 def check_gpu_targets(gpu_targets, runtime: str = "auto", precision: str = "fp32", prefer=None):
@@ -105,9 +113,9 @@ def check_gpu_targets(gpu_targets, runtime: str = "auto", precision: str = "fp32
     if not gpu_targets:
         return
     given = f"--gpu-targets {','.join(gpu_targets)}"
-    if runtime == "onnxruntime" or precision == "int8":
+    if runtime == "onnxruntime" or precision == "int8-dynamic":
         raise MixpertError(f"{given}: this build makes no TensorRT engines "
-                           f"({'--runtime onnxruntime' if runtime == 'onnxruntime' else '--precision int8'}); drop --gpu-targets")
+                           f"({'--runtime onnxruntime' if runtime == 'onnxruntime' else '--precision int8-dynamic'}); drop --gpu-targets")
     if runtime == "auto" and not trtb.available():
         raise MixpertError(f"{given}: neither tensorrt nor tensorrt_rtx is installed here, so no engines are built; "
                            "drop --gpu-targets or install TensorRT-RTX")
@@ -117,6 +125,10 @@ def check_gpu_targets(gpu_targets, runtime: str = "auto", precision: str = "fp32
     bad = [g for g in gpu_targets if g != "current" and g not in trtb.GPU_TARGETS]
     if bad:
         raise MixpertError(f"--gpu-targets {','.join(bad)}: unknown; choose from {','.join(trtb.GPU_TARGETS)} or current")
+    old = [g for g in gpu_targets if g not in ("current", *FP8_TARGETS)]
+    if precision == "fp8" and old:
+        raise MixpertError(f"--gpu-targets {','.join(old)}: fp8 needs FP8 tensor cores (sm89 Ada and newer; TensorRT-RTX "
+                           f"refuses fp8 engines for older ones); drop them, or build --precision int8 for those GPUs")
     if "current" in gpu_targets and trtb.build_gpu() is None:
         raise MixpertError(f"{given}: this process sees no CUDA GPU, so there is no current one; name the appliance's "
                            f"architectures (--gpu-targets {','.join(trtb.GPU_TARGETS[1:4])}) or build on the appliance")
@@ -125,8 +137,8 @@ def check_gpu_targets(gpu_targets, runtime: str = "auto", precision: str = "fp32
 def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bool = True, prefer=None) -> dict:
     """Build one engine per part in `bundle` (ONNX already there); fills the manifest's engine sections."""
     trt = trtb.import_tensorrt(prefer)
-    check_gpu_targets(gpu_targets, "tensorrt", prefer=prefer)
-    targets = tuple(gpu_targets) if gpu_targets else default_gpu_targets(trt)
+    check_gpu_targets(gpu_targets, "tensorrt", manifest["precision"], prefer=prefer)
+    targets = tuple(gpu_targets) if gpu_targets else default_gpu_targets(trt, manifest["precision"])
     builder = trt.module.Builder(trtb._logger(trt))
     cache_path = bundle / "timing.cache"
     cache = trtb.new_timing_cache(trt, builder, cache_path)
@@ -153,19 +165,29 @@ def compile_engines(bundle: Path, manifest: dict, gpu_targets=None, progress: bo
     return manifest
 
 
+PRECISIONS = (*OPSET, *QDQ_PRECISIONS, "int8-dynamic")
+
+
 def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32", max_crops: int | None = None,
                  runtime: str = "auto", gpu_targets=None, source: dict | None = None, with_baseline: bool = True,
-                 validate: bool = True, progress: bool = True) -> dict:
-    """Export (+ validate) every part, build TensorRT engines where asked or available (int8: quantise the fp32
-    parts for ONNX Runtime CPU instead), write the manifest, and move the bundle into place. Returns the manifest."""
+                 validate: bool = True, progress: bool = True, calibration: str | None = None) -> dict:
+    """Export (+ validate) every part, build TensorRT engines where asked or available, write the manifest, and
+    move the bundle into place. Returns the manifest. int8 / fp8: QDQ parts calibrated on `calibration` and gated
+    on its held-out images (quantize.py), engines where TensorRT accepts them; int8-dynamic: ONNX Runtime CPU's
+    dynamic quantisation of the fp32 parts (int8.py)."""
     out = Path(out)
     cfg = model.cfg
-    if precision not in (*OPSET, "int8"):
-        raise MixpertError(f"--precision {precision}: choose fp32, fp16, bf16 or int8")
+    if precision not in PRECISIONS:
+        raise MixpertError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
     if runtime not in ("auto", "onnxruntime", "tensorrt"):
         raise MixpertError(f"--runtime {runtime}: choose auto, onnxruntime or tensorrt")
-    if precision == "int8" and runtime == "tensorrt":
-        raise MixpertError("--precision int8 is ONNX Runtime CPU dynamic quantisation; for TensorRT use --precision fp16")
+    if precision == "int8-dynamic" and runtime == "tensorrt":
+        raise MixpertError("--precision int8-dynamic is ONNX Runtime CPU dynamic quantisation; for TensorRT use "
+                           "--precision int8 --calibration DIR (QDQ) or fp16")
+    if precision in QDQ_PRECISIONS:
+        calibration_split(calibration)  # refuse a missing or thin --calibration before minutes of export
+    elif calibration:
+        raise MixpertError(f"--calibration {calibration}: only --precision int8 or fp8 calibrates; drop it")
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
     check_gpu_targets(gpu_targets, runtime, precision)
@@ -173,7 +195,8 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
     max_crops = int(max_crops or (4 if adapter_for(cfg.backbone).rows == "crops" else 1) * cfg.backbone.max_crops)
     t0 = time.perf_counter()
     with staged_dir(out, mf.BUNDLE, sources=source_paths(source)) as tmp:
-        exported = precision if precision != "int8" else "fp32"  # int8 quantises validated fp32 parts
+        quantised = precision in (*QDQ_PRECISIONS, "int8-dynamic")
+        exported = "fp32" if quantised else precision  # quantisation starts from validated fp32 parts
         manifest = {
             "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -181,12 +204,18 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
             "precision": precision, "opset": OPSET[exported], "max_crops": max_crops,
             "versions": mf.tool_versions(), "tensorrt": None,
         }
-        if precision == "int8":
+        if quantised:
             fp32 = tmp / "fp32"
             fp32.mkdir()
             manifest["parts"] = export_parts(model, fp32, "fp32", max_crops, with_baseline, validate, progress)
-            quantize_bundle(model, fp32, tmp, manifest)
+            if precision == "int8-dynamic":
+                quantize_bundle(model, fp32, tmp, manifest)
+            else:
+                quantize_bundle_static(model, fp32, tmp, manifest, precision, calibration, progress)
             shutil.rmtree(fp32)
+            if precision in QDQ_PRECISIONS and (runtime == "tensorrt" or (runtime == "auto" and trtb.available())):
+                manifest["quantization"]["tensorrt"] = compile_quantised(tmp, manifest, gpu_targets, progress,
+                                                                         required=runtime == "tensorrt")
         else:
             manifest["parts"] = export_parts(model, tmp, precision, max_crops, with_baseline, validate, progress)
             if runtime == "tensorrt" or (runtime == "auto" and trtb.available()):
@@ -197,6 +226,28 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
         manifest["peak_rss_mb"] = round(peak_rss_mb())
         mf.write_manifest(tmp, manifest)
     return manifest
+
+
+def compile_quantised(bundle: Path, manifest: dict, gpu_targets=None, progress: bool = True, required: bool = False) -> dict:
+    """Engines for QDQ parts where this TensorRT accepts them: what it said, recorded. Where it refuses, the bundle
+    keeps its QDQ ONNX for `build --from-onnx` on the appliance with standard TensorRT (or raises, with --runtime
+    tensorrt)."""
+    trt = trtb.import_tensorrt()
+    try:
+        compile_engines(bundle, manifest, gpu_targets, progress)
+    except MixpertError as e:
+        if required:
+            raise
+        for part in manifest["parts"].values():
+            part.pop("engine", None)
+        for p in bundle.glob("*.engine"):
+            p.unlink()
+        manifest["tensorrt"] = None
+        return {"flavour": trt.flavour, "version": trt.version, "accepted": False,
+                "error": str(e).replace(str(bundle), "<bundle>"),
+                "next": "build --from-onnx DIR on the appliance with standard TensorRT"}
+    return {"flavour": trt.flavour, "version": trt.version, "accepted": True,
+            "engines": sorted(n for n, p in manifest["parts"].items() if p.get("engine"))}
 
 
 def compile_bundle(onnx_bundle: str | Path, out: str | Path | None = None, gpu_targets=None, progress: bool = True,

@@ -73,7 +73,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self, bundle: Path, manifest: dict) -> "OnnxRuntimeBackend":
         if manifest["precision"] == "bf16" and self.device == "cpu":
             raise MixpertError(f"{bundle / mf.NAME}: a bf16 bundle cannot run on ONNX Runtime CPU (no bfloat16 MatMul); "
-                               "use a GPU runtime or build with --precision fp32|fp16|int8")
+                               "use a GPU runtime or build with --precision fp32|fp16|int8|int8-dynamic")
         mf.verify_files(bundle, manifest, "onnx")
         self.providers()  # no CUDA EP in this onnxruntime: say so here, not as a bundle that cannot load
         opts = ort.SessionOptions()

@@ -45,7 +45,7 @@ class TorchBackend(Backend):
     def load(self, bundle: Path, manifest: dict) -> "TorchBackend":
         cfg = mf.bundle_config(manifest)
         model = self.model or model_from_source(manifest["source"], cfg, Path(bundle) / mf.NAME)
-        self.precision = "fp32" if self.device.type == "cpu" or manifest["precision"] == "int8" else manifest["precision"]
+        self.precision = "fp32" if self.device.type == "cpu" or manifest["precision"] in ("int8", "fp8", "int8-dynamic") else manifest["precision"]
         model = lowered(model, self.precision).to(self.device)
         self.parts = {s.name: part_module(model, s, self.precision) for s in part_specs(cfg, self.precision)}
         self.specs = {s.name: s for s in part_specs(cfg, self.precision)}

@@ -1,0 +1,299 @@
+"""`--precision int8|fp8 --calibration SRC`: explicitly quantised (QDQ) parts for TensorRT, calibrated on the
+user's images, gated on held-out images of the same source.
+
+The quantiser is ONNX Runtime's own `quantize_static` in QDQ format (README, "Quantised bundles", says why not
+NVIDIA ModelOpt). What is quantised: the MatMul / Gemm nodes of the linear layers (those whose second input is a
+weight), weights symmetric per output channel, activations symmetric per tensor (int8: MinMax calibration; fp8
+e4m3: the Distribution calibrator, the one quantize_static takes for float types). Left in fp32: the router (it
+decides the expert, copied as exported), LayerNorm, Softmax, GELU, the patch-embedding Conv, attention's
+activation-by-activation MatMuls, and biases (TensorRT-RTX's parser refuses int32 bias DequantizeLinear).
+
+The images: every 5th file of the sorted source is held out for the gate, the rest calibrates. The gate, on the
+held-out images, against fp32 torch: each part's output cosine (experts and the router on fp32 trunk features, so
+a part's own error), the tokens cosine per image through the quantised bundle's own routing, and routing agreement
+under the bundle's rule. ONNX Runtime CPU runs the QDQ graphs (the reference that runs here).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from mixpert_train.errors import MixpertError
+from mixpert_train.families import adapter_for
+from mixpert_train.model import VERSATILE, MixpertVision, PixelInput, margins, pool_matrix, route
+from mixpert_train.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessor, image_paths, load_image
+
+from . import manifest as mf
+from .onnx_export import onnx_io
+
+PRECISIONS = ("int8", "fp8")
+GATE = {"part_cosine": 0.99, "tokens_cosine": 0.99, "routing_agreement": 0.99}  # the defaults a user would accept
+HELD_OUT_EVERY = 5  # every 5th image of the sorted source is held out for the gate
+MIN_HELD_OUT = 10  # fewer held-out images cannot tell 99% agreement from chance
+PART_ORDER = ("trunk", "single_encoder")  # then the experts
+
+
+def _quant_types(precision: str):
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    if precision == "int8":
+        return QuantType.QInt8, CalibrationMethod.MinMax, "int8"
+    return QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution, "float8e4m3fn"
+
+
+def calibration_split(source: str) -> tuple[list[str], list[str]]:
+    """(calibration files, held-out files) of `source` (a directory or a quoted glob), every HELD_OUT_EVERY-th of
+    the sorted files held out; refused in one line when there are too few to calibrate and gate."""
+    if not source:
+        raise MixpertError("--precision int8/fp8 needs --calibration DIR-or-glob: a few hundred images like the ones "
+                           "you will serve (never calibrated on noise)")
+    if Path(source).is_dir():  # a dataset tree: its image files at any depth
+        files = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    elif any(c in source for c in "*?["):
+        files = [f for f in image_paths([source]) if Path(f).is_file()] if glob.glob(source, recursive=True) else []
+    else:
+        raise MixpertError(f"--calibration {source}: no such directory; pass a directory of images or a quoted glob")
+    if not files:
+        raise MixpertError(f"--calibration {source}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    held = files[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    if len(held) < MIN_HELD_OUT:
+        raise MixpertError(f"--calibration {source}: {len(files)} images; the gate holds out every {HELD_OUT_EVERY}th "
+                           f"and needs {MIN_HELD_OUT} of them: pass at least {HELD_OUT_EVERY * MIN_HELD_OUT} "
+                           "(a few hundred is better)")
+    calib = [f for i, f in enumerate(files) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    return calib, held
+
+
+class _Images:
+    """An image's uint8 rows and per-row inputs, as the pipeline makes them; unreadable files counted."""
+
+    def __init__(self, model: MixpertVision):
+        self.model, self.cfg = model, model.cfg
+        self.pre, self.ad = Preprocessor(model.cfg.backbone), adapter_for(model.cfg.backbone)
+        self.pixel_input = PixelInput(model.cfg)
+        self.skipped: list[str] = []
+
+    def rows(self, path: str):
+        try:
+            rows, grid = self.pre.rows(load_image(path))
+        except ImageError as e:
+            self.skipped.append(f"{e}")
+            return None
+        rows = np.ascontiguousarray(rows)
+        extra = self.ad.row_inputs(self.cfg.backbone, [grid]) if self.ad.rows != "crops" else {}
+        return {"pixel_values": rows, **extra}
+
+    @torch.no_grad()
+    def hidden(self, feed: dict) -> np.ndarray:
+        extra = [torch.from_numpy(v) for k, v in feed.items() if k != "pixel_values"]
+        return self.model.trunk(self.pixel_input(torch.from_numpy(feed["pixel_values"])), *extra).numpy()
+
+
+def _weight_matmuls(path: Path) -> list[str]:
+    """MatMul / Gemm nodes whose second input is an initializer: the linear layers (not attention's products)."""
+    m = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+
+
+def _feed_for(names: list[str], feed: dict, hidden: np.ndarray | None) -> dict:
+    out = {}
+    for n in names:
+        out[n] = hidden if n == "hidden" else feed[n]
+    return out
+
+
+def _stride(n: int, most: int = 16) -> int:
+    """The largest divisor of n up to `most`: images per calibration pass (quantize_static needs n % stride == 0)."""
+    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
+def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files: list[Path]) -> dict:
+    """quantize_static of one part, calibrated on the cached images `files` in passes of a few images
+    (CalibStridedMinMax: each pass merges its ranges or histograms, so memory stays bounded at real scale; ORT's
+    CalibMaxIntermediateOutputs would instead drop every full batch of outputs unmeasured, onnxruntime 1.32)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items, self.it = files, iter(files)
+
+        def __len__(self):
+            return len(self.items)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(self.items[start_index:end_index])
+
+        def get_next(self):
+            f = next(self.it, None)
+            if f is None:
+                return None
+            with np.load(f) as z:
+                d = {k: z[k] for k in z.files}
+            return _feed_for(names, d, d.get("hidden"))
+
+    qtype, method, _ = _quant_types(precision)
+    nodes = _weight_matmuls(src)
+    big = sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.8 * 2**30  # protobuf's 2 GB limit
+    options = {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True,
+               "CalibStridedMinMax": _stride(len(files))}
+    t0 = time.perf_counter()
+    logging.disable(logging.WARNING)  # the quantiser's root-logger advice on every call
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+                        nodes_to_quantize=nodes, per_channel=True, reduce_range=False, activation_type=qtype,
+                        weight_type=qtype, calibrate_method=method, use_external_data_format=big, extra_options=options)
+    finally:
+        logging.disable(logging.NOTSET)
+    return {"quantized_nodes": len(nodes), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest: dict, precision: str, source: str,
+                           progress: bool = True) -> dict:
+    """One step of an int8 / fp8 build: the validated fp32 parts in `fp32` -> QDQ parts in `out` (the router
+    copied), calibrated on `source`, then gated on its held-out images. Fills `manifest` in place; refuses a bundle
+    that misses the gate in one line naming the part and the figure."""
+    if precision not in PRECISIONS:
+        raise MixpertError(f"--precision {precision}: static QDQ quantisation is int8 or fp8")
+    calib, held = calibration_split(source)
+    imgs = _Images(model)
+    cache = Path(tempfile.mkdtemp(prefix="mixpert-calib-", dir=out.parent))
+    try:
+        # the calibration images once: rows and fp32 trunk features to disk (bounded memory at real scale)
+        kept = []
+        for i, path in enumerate(tqdm(calib, desc="calibration features", unit="img", disable=not progress)):
+            feed = imgs.rows(path)
+            if feed is None:
+                continue
+            np.savez(cache / f"{i}.npz", hidden=imgs.hidden(feed), **feed)
+            kept.append(cache / f"{i}.npz")
+        if len(kept) < len(calib) // 2:
+            raise MixpertError(f"--calibration {source}: {len(calib) - len(kept)} of {len(calib)} calibration images "
+                               f"are unreadable (first: {imgs.skipped[0]})")
+
+        parts = sorted((n for n in manifest["parts"] if n != "router"),
+                       key=lambda n: (PART_ORDER.index(n) if n in PART_ORDER else len(PART_ORDER), n))
+        shutil.copy2(fp32 / manifest["parts"]["router"]["onnx"]["file"], out / manifest["parts"]["router"]["onnx"]["file"])
+        done = {}
+        bar = tqdm(parts, desc=f"quantise {precision}", unit="part", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            part = manifest["parts"][name]
+            src, dst = fp32 / part["onnx"]["file"], out / part["onnx"]["file"]
+            names = [t["name"] for t in part["onnx"]["io"]["inputs"]]
+            done[name] = _quantize_part(src, dst, precision, names, kept)
+        for name, part in manifest["parts"].items():
+            files = [p for p in out.iterdir() if p.name == part["onnx"]["file"] or p.name.startswith(part["onnx"]["file"] + ".")]
+            part["onnx"] |= {"sha256": {p.name: mf.sha256(p) for p in files}, "bytes": sum(p.stat().st_size for p in files),
+                             "io": onnx_io(out / part["onnx"]["file"])}
+        gate = gate_figures(model, out, manifest, held, imgs, progress)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    qtype, method, onnx_type = _quant_types(precision)
+    manifest["quantization"] = {
+        "method": "static QDQ (onnxruntime.quantization.quantize_static)", "type": onnx_type,
+        "calibrator": method.name, "weights": "symmetric, per output channel", "activations": "symmetric, per tensor",
+        "quantized": "MatMul/Gemm of the linear layers (weight inputs)",
+        "kept_fp32": "router, LayerNorm, Softmax, GELU, patch-embedding Conv, attention MatMuls, biases",
+        "parts": done,
+        "calibration": {"source": str(source), "images": len(kept), "held_out": len(held), "skipped": imgs.skipped,
+                        "split": f"every {HELD_OUT_EVERY}th file of the sorted source held out for the gate"},
+        "gate": gate}
+    for name, part in manifest["parts"].items():
+        if name in gate["part_cosine"]:
+            c = gate["part_cosine"][name]
+            part["validation"] = {"status": "pass" if c >= GATE["part_cosine"] else "fail",
+                                  "tolerance": {"cosine": GATE["part_cosine"]}, "reference": "torch fp32 (CPU)",
+                                  "runtime": f"onnxruntime CPU, QDQ {onnx_type}", "images": len(held),
+                                  "outputs": {part["onnx"]["io"]["outputs"][0]["name"]: {"cosine": c, "max_abs": None,
+                                                                                       "finite": True}}}
+    check_gate(gate, precision, source)
+    return manifest
+
+
+def check_gate(gate: dict, precision: str, source: str):
+    """Refuse, in one line naming the part and the figure, a bundle that misses the gate."""
+    fix = (f"calibrate on more images like the ones you serve (--calibration), or build --precision "
+           f"{'fp8' if precision == 'int8' else 'fp16'} / fp32")
+    for name, c in sorted(gate["part_cosine"].items(), key=lambda kv: kv[1]):
+        if c < GATE["part_cosine"]:
+            raise MixpertError(f"{precision} gate: {name} cosine {c:.4f} < {GATE['part_cosine']} against fp32 torch on "
+                               f"{gate['images']} held-out images of {source}; {fix}")
+    if gate["routing_agreement"] < GATE["routing_agreement"]:
+        rule = gate["rule"]
+        edge = (f"tau {rule['tau']}" if rule["strategy"] == "score-difference" else f"lam {rule['lam']}"
+                if rule["strategy"] == "score-threshold" else "argmax")
+        raise MixpertError(f"{precision} gate: routing agrees with fp32 on {gate['routing_agreement']:.1%} of "
+                           f"{gate['images']} held-out images (< {GATE['routing_agreement']:.0%}; the flipped images' "
+                           f"fp32 margins {', '.join(map(str, gate['flipped_fp32_margins']))} against {edge}); {fix}")
+    if gate["tokens_cosine"]["min"] < GATE["tokens_cosine"]:
+        raise MixpertError(f"{precision} gate: tokens cosine {gate['tokens_cosine']['min']:.4f} < {GATE['tokens_cosine']} "
+                           f"(worst of {gate['images']} held-out images of {source}); {fix}")
+
+
+def gate_figures(model: MixpertVision, bundle: Path, manifest: dict, held: list[str], imgs: _Images,
+                 progress: bool = True) -> dict:
+    """The gate's figures on the held-out images: per part cosine (worst image), tokens cosine per image through
+    each side's own routing, routing agreement under the bundle's rule. Quantised parts on ONNX Runtime CPU."""
+    cfg = model.cfg
+    sess = {n: ort.InferenceSession(str(bundle / p["onnx"]["file"]), providers=["CPUExecutionProvider"])
+            for n, p in manifest["parts"].items()}
+    inputs = {n: [i.name for i in s.get_inputs()] for n, s in sess.items()}
+    part_cos = {n: [] for n in manifest["parts"] if n != "router"}
+    tokens_cos, agree, score_d, flips = [], [], [], []
+    for path in tqdm(held, desc="gate (held-out)", unit="img", disable=not progress):
+        feed = imgs.rows(path)
+        if feed is None:
+            continue
+        n_rows = len(feed["pixel_values"])
+        pool = pool_matrix([n_rows])
+        extra = {k: v for k, v in feed.items() if k != "pixel_values"}
+        with torch.no_grad():
+            h32 = imgs.hidden(feed)
+            ht = torch.from_numpy(h32)
+            et = [torch.from_numpy(v) for v in extra.values()]
+            s32 = model.router(ht, torch.from_numpy(pool)).numpy()
+            want = {e: model.experts[e](ht, *et).numpy() for e in cfg.experts}
+        hq = sess["trunk"].run(None, _feed_for(inputs["trunk"], feed, None))[0]
+        part_cos["trunk"].append(_cos(hq, h32))
+        for e in cfg.experts:  # each expert on the fp32 features: its own error
+            got = sess[f"expert_{e}"].run(None, _feed_for(inputs[f"expert_{e}"], feed, h32))[0]
+            part_cos[f"expert_{e}"].append(_cos(got, want[e]))
+        if "single_encoder" in sess:
+            got = sess["single_encoder"].run(None, _feed_for(inputs["single_encoder"], feed, None))[0]
+            part_cos["single_encoder"].append(_cos(got, want[VERSATILE]))
+        # end to end, as the pipeline runs it: quantised trunk -> fp32 router -> the rule -> quantised expert
+        sq = sess["router"].run(None, {"hidden": hq, "pool": pool})[0]
+        e32 = route(s32, cfg.domains, cfg.strategy, cfg.tau, cfg.lam)[0]
+        eq = route(sq, cfg.domains, cfg.strategy, cfg.tau, cfg.lam)[0]
+        tq = sess[f"expert_{eq}"].run(None, _feed_for(inputs[f"expert_{eq}"], feed, hq))[0]
+        tokens_cos.append(_cos(tq, want[e32]))
+        agree.append(e32 == eq)
+        if e32 != eq:  # how close to the rule's threshold the fp32 decision was
+            flips.append(round(float(margins(s32)[0] if cfg.strategy == "score-difference" else s32.max()), 4))
+        score_d.append(float(np.abs(s32 - sq).max()))
+    if not agree:
+        raise MixpertError(f"--calibration: none of the {len(held)} held-out images could be read "
+                           f"(first: {imgs.skipped[-1] if imgs.skipped else '?'})")
+    return {"images": len(agree), "rule": {"strategy": cfg.strategy, "tau": cfg.tau, "lam": cfg.lam},
+            "part_cosine": {n: float(min(v)) for n, v in part_cos.items() if v},
+            "tokens_cosine": {"min": float(min(tokens_cos)), "mean": float(np.mean(tokens_cos))},
+            "routing_agreement": float(np.mean(agree)), "score_max_abs": float(max(score_d)),
+            "flipped_fp32_margins": flips,  # score-difference: top1 - top2 of the flipped images (else top1)
+            "thresholds": dict(GATE)}
