@@ -66,13 +66,16 @@ def measure(bundles: list[Path], batch: int, crops: int, sizes, rounds: int, war
         if q:
             row["gate"] = q["gate"]
         rows.append(row)
+    patches = pipes[0].unit != "crops"
     return {"backbone": names.pop(), "device": latency.device_name(pipes[0].backend), "runtime": "onnxruntime CPU",
-            "date": time.strftime("%Y-%m-%d %H:%M"), "batch": batch, "crops": crops, "sizes": sizes, "rounds": rounds,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "batch": batch, "crops": 0 if patches else crops,
+            "sizes": [list(s) for s in sizes] if patches else None, "rounds": rounds,
             "rows": rows, "bundles": [str(b) for b in bundles]}
 
 
 def markdown(rep: dict) -> str:
-    unit = f"{rep['batch']} image(s) x {rep['crops']} crop(s)" if rep["crops"] else f"{rep['batch']} image(s) of {rep['sizes']}"
+    unit = (f"{rep['batch']} image(s) x {rep['crops']} crop(s)" if rep["crops"] else
+            f"{rep['batch']} image(s) of {', '.join('x'.join(map(str, s)) for s in rep['sizes'])}")
     lines = [f"### Quantised vs fp32: {rep['backbone']} on {rep['runtime']}, {rep['device']}", "",
              f"Measured {rep['date']}, one process, {rep['rounds']} interleaved rounds, {unit}; speed-up = fp32 time / "
              "this precision's, per round, median [min, max].", "",

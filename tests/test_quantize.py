@@ -160,7 +160,7 @@ def test_a_calibration_on_noise_is_refused_with_its_figure(data, tmp_path):
                      calibration=str(_noise_and_real(tmp_path, data)), progress=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("int8 gate: ") and "held-out images" in msg, msg
-    assert re.search(r"(cosine 0\.\d{4} < 0\.99|agrees with fp32 on \d+\.\d% of 12 held-out images \(< 99%; the flipped)", msg), msg
+    assert re.search(r"(cosine 0\.\d{4} < 0\.99|agrees with fp32 on \d+\.\d% of 12 held-out images \(< 99%; \d+ flipped, their fp32 margins)", msg), msg
     assert not (tmp_path / "b").exists()  # nothing half-written
 
 
@@ -180,6 +180,16 @@ def test_calibration_refusals_are_one_line_before_any_work(data, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and want in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_builds_a_calibrated_bundle_and_prints_its_table(data, tmp_path, capsys):
+    """Through the CLI: the QDQ bundle is written and its table printed (the gate's worst-image figures per part)."""
+    out = tmp_path / "b"
+    assert main(["build", "--backbone", "tiny", "--random-init", "--runtime", "onnxruntime", "--quiet", "--out", str(out),
+                 "--precision", "int8", "--calibration", str(data / "images"), "--max-crops", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "trunk.onnx" in text and "pass max|d|=" in text and "(int8," in text
+    assert mf.read_manifest(out)["quantization"]["gate"]["part_max_abs"]["trunk"] > 0
 
 
 def test_cli_precisions_are_the_builds():
@@ -239,3 +249,14 @@ def test_quant_speed_benchmark_side_by_side_on_tiny(data, tmp_path):
     assert rows["int8"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"] and "gate" in rows["int8"]
     with pytest.raises(SystemExit, match="must be fp32"):
         quant_speed.main(["--bundles", str(paths[2]), str(paths[0]), "--out", str(out)])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-internvl", "tiny-qwen2-vl"])
+def test_int8_dynamic_builds_for_every_family(backbone, tmp_path):
+    """The ONNX Runtime CPU dynamic path takes the family's own validation rows (it took crops only, and a
+    Qwen2-VL build ended in a KeyError traceback)."""
+    model = build_model(MixpertConfig.for_backbone(get_backbone(backbone)), seed=0).eval()
+    m = build_bundle(model, tmp_path / "b", precision="int8-dynamic", runtime="onnxruntime", progress=False)
+    assert all(p["validation"]["status"] == "pass" for n, p in m["parts"].items() if n != "router")
+    assert m["int8"]["images"] >= 3 and m["int8"]["speedup"]["int8_ms"] > 0
+    assert MixpertPipeline.from_engines(tmp_path / "b", runtime="onnxruntime").cfg.backbone.name == backbone
