@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mixpert_train.errors import MixpertError
 from mixpert_train.families import adapter_for
 from mixpert_train.model import VERSATILE, MixpertVision, PixelInput, margins, pool_matrix, route
-from mixpert_train.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessor, image_paths, load_image
+from mixpert_train.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessor, load_image
 
 from . import manifest as mf
 from .onnx_export import onnx_io
@@ -62,7 +62,8 @@ def calibration_split(source: str) -> tuple[list[str], list[str]]:
     if Path(source).is_dir():  # a dataset tree: its image files at any depth
         files = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     elif any(c in source for c in "*?["):
-        files = [f for f in image_paths([source]) if Path(f).is_file()] if glob.glob(source, recursive=True) else []
+        files = sorted(f for f in glob.glob(source, recursive=True)
+                       if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
     else:
         raise MixpertError(f"--calibration {source}: no such directory; pass a directory of images or a quoted glob")
     if not files:
