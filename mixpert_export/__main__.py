@@ -29,6 +29,8 @@ def cmd_build(args) -> int:
         calibration_split(args.calibration)  # likewise: a missing or thin --calibration is one line, now
     elif args.calibration:
         raise MixpertError(f"--calibration {args.calibration}: only --precision int8 or fp8 calibrates; drop it")
+    if args.quantize and (args.precision not in CALIBRATED or args.from_onnx):
+        raise MixpertError(f"--quantize {args.quantize}: only --precision int8 or fp8 builds choose what is quantised; drop it")
     if args.from_onnx:
         manifest = compile_bundle(args.from_onnx, args.out, gpu_targets=targets, progress=not args.quiet)
         out = Path(args.out or args.from_onnx)
@@ -43,7 +45,8 @@ def cmd_build(args) -> int:
         model, source = load_model(args)
         out = Path(args.out or f"engines/{model.cfg.backbone.name}")
         manifest = build_bundle(model, out, precision=args.precision, max_crops=args.max_crops, runtime=args.runtime,
-                                gpu_targets=targets, source=source, progress=not args.quiet, calibration=args.calibration)
+                                gpu_targets=targets, source=source, progress=not args.quiet, calibration=args.calibration,
+                                quantize=args.quantize or "all")
     print(format_table(["part", "file", "onnx", "export", "validation (vs torch fp32)", "engine"], summary_rows(manifest)))
     trt = manifest.get("tensorrt")
     from mixpert_train.families import adapter_for
@@ -229,6 +232,8 @@ def main(argv=None) -> int:
                         "gated on its held-out images; int8-dynamic: ONNX Runtime CPU dynamic int8, no calibration")
     b.add_argument("--calibration", metavar="DIR-or-glob", help="int8 / fp8: a few hundred images like the ones you "
                    "will serve (every 5th held out for the gate: per part cosine, tokens cosine, routing agreement)")
+    b.add_argument("--quantize", choices=["all", "experts"], help="int8 / fp8: all (default: trunk, experts, single "
+                   "encoder; the speed) or experts (the trunk, so the routing, stays fp32; the experts' memory)")
     b.add_argument("--max-crops", type=int, help="crops a call at most (default 4 images x max crops an image); patch families (qwen2-vl): "
                    "patches a call, the patch budget (default: one image at max_pixels)")
     b.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "tensorrt"],

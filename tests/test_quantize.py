@@ -2,10 +2,12 @@
 gated on the held-out fifth against fp32 torch; the QDQ graphs hold what TensorRT expects; bad or missing
 calibration is refused in one line with its figure; TensorRT-RTX builds the parts where it accepts them."""
 
+import collections
 import re
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +17,7 @@ from mixpert_export.__main__ import main
 from mixpert_export.bundle import manifest as mf
 from mixpert_export.bundle import tensorrt_build as trtb
 from mixpert_export.bundle.build import PRECISIONS, build_bundle
-from mixpert_export.bundle.quantize import GATE, HELD_OUT_EVERY, calibration_split
+from mixpert_export.bundle.quantize import GATE, HELD_OUT_EVERY, calibration_split, check_gate
 from mixpert_export.runtime.pipeline import MixpertPipeline
 from mixpert_train.backbones import get_backbone
 from mixpert_train.data import synthetic
@@ -108,6 +110,15 @@ def test_qdq_bundle_passes_the_gate_on_held_out_images(family, data, precision, 
         assert any(n.op_type == "LayerNormalization" for n in g.node) or part != "trunk"  # LayerNorm stays a float op
     g, qs, dqs, _ = qdq_nodes(out / "router.onnx")
     assert not qs and not dqs
+    if precision == "int8":  # ONNX Runtime CPU, as the backend makes its sessions: every quantised layer an int8 kernel
+        off = mf.ort_disabled_optimizers(m)
+        assert off == ["CommonSubexpressionElimination", "MatMulAddFusion"]
+        for part in ("trunk", "single_encoder", f"expert_{model.cfg.experts[0]}"):
+            so = ort.SessionOptions()
+            so.optimized_model_filepath, so.log_severity_level = str(tmp_path / f"{part}.opt.onnx"), 3
+            ort.InferenceSession(str(out / f"{part}.onnx"), so, providers=["CPUExecutionProvider"], disabled_optimizers=off)
+            ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+            assert ops["MatMulIntegerToFloat"] == q["parts"][part]["quantized_nodes"], (part, ops)
     # the deployed path: the pipeline on the quantised bundle routes the held-out images as fp32 torch does
     _, held = calibration_split(str(data / "images"))
     pipe = MixpertPipeline.from_engines(out, runtime="onnxruntime")
@@ -116,6 +127,38 @@ def test_qdq_bundle_passes_the_gate_on_held_out_images(family, data, precision, 
     pre = Preprocessor(model.cfg.backbone)
     agree = np.mean([r.expert == want for r, want in zip(results, fp32_routes(model, pre, held))])
     assert agree >= GATE["routing_agreement"]
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_experts_scope_keeps_the_trunk_fp32_and_the_routing_exact(backbone, data, tmp_path):
+    """--quantize experts: the trunk is the validated fp32 graph (no Q/DQ), so the router sees the fp32 features and
+    no held-out image changes expert; the experts and, in the single encoder, exactly the versatile expert's linear
+    layers are quantised (the baseline stays the computation Mixpert's path is compared with)."""
+    model = trained(backbone, data)
+    out = tmp_path / "b"
+    m = build_bundle(model, out, precision="int8", runtime="onnxruntime", max_crops=32 if backbone != "tiny-qwen2-vl" else None,
+                     calibration=str(data / "images"), progress=False, quantize="experts")
+    q, gate = m["quantization"], m["quantization"]["gate"]
+    assert q["scope"] == gate["scope"] == "experts" and q["parts"]["trunk"] == {"quantized_nodes": 0, "kept": "fp32"}
+    assert gate["routing_agreement"] == 1.0 and gate["score_max_abs"] < 1e-4 and not gate["flipped_fp32_margins"]
+    assert gate["part_cosine"]["trunk"] > 1 - 1e-6 and gate["tokens_cosine"]["min"] >= GATE["tokens_cosine"]
+    assert min(v for k, v in gate["part_cosine"].items() if k.startswith("expert_")) < 1 - 1e-6  # really quantised
+    _, qs, dqs, _ = qdq_nodes(out / "trunk.onnx")
+    assert not qs and not dqs
+    assert m["parts"]["trunk"]["validation"]["runtime"] == "onnxruntime CPU, fp32 (not quantised)"
+
+    def quantised_weights(part):  # the linear layers whose weight comes through a DequantizeLinear, in graph order
+        g, _, dqs, inits = qdq_nodes(out / f"{part}.onnx")
+        deq = {d.output[0]: tuple(inits[d.input[0]].dims) for d in dqs if d.input[0] in inits}
+        return [deq[n.input[1]] for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in deq]
+    single, versatile = quantised_weights("single_encoder"), quantised_weights(f"expert_{VERSATILE}")
+    assert single and single == versatile  # the same layers, nothing of the trunk's
+    assert q["parts"]["single_encoder"]["quantized_nodes"] == q["parts"][f"expert_{VERSATILE}"]["quantized_nodes"]
+    mf.verify_files(out, mf.read_manifest(out), "onnx")
+    _, held = calibration_split(str(data / "images"))
+    pipe = MixpertPipeline.from_engines(out, runtime="onnxruntime")
+    results = pipe(held)
+    assert [r.expert for r in results] == fp32_routes(model, Preprocessor(model.cfg.backbone), held)
 
 
 def fp32_routes(model, pre, paths):
@@ -135,33 +178,54 @@ def fp32_routes(model, pre, paths):
 
 # ------------------------------------------------------------------------------------------------ refusals
 
-def _noise_and_real(tmp_path, data):
-    """A calibration source whose calibration files are uniform noise and whose held-out files are real pages: a
-    bad calibration the gate must catch (the held-out images are what the bundle will see). Measured: blank white
-    or black pages still pass on tiny (every figure >= 0.998); noise does not."""
+def _blank_and_real(tmp_path, data):
+    """A calibration source whose calibration files are blank mid-grey pages and whose held-out files are real
+    pages: a bad calibration the gate must catch (the held-out images are what the bundle will see). Measured on
+    tiny int8 (QDQ on the linear layers' inputs): grey pages worst part cosine 0.944 (an expert), tokens 0.956;
+    uniform noise 0.993, low-contrast noise 0.978, black pages 0.998 (these pass or nearly: a calibration that
+    spans the values the real pages take is not bad enough)."""
     real = sorted((data / "images").rglob("*.png"))
     src = tmp_path / "bad"
     src.mkdir()
-    rng = np.random.default_rng(0)
     for i, p in enumerate(real):
         dst = src / f"{i:03d}.png"
         if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
             dst.write_bytes(p.read_bytes())
         else:
             w, h = Image.open(p).size
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(dst)
+            Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(dst)
     return src
 
 
-def test_a_calibration_on_noise_is_refused_with_its_figure(data, tmp_path):
+def test_a_calibration_on_blank_pages_is_refused_with_its_figure(data, tmp_path):
     model = trained("tiny", data)
     with pytest.raises(MixpertError) as e:
         build_bundle(model, tmp_path / "b", precision="int8", runtime="onnxruntime", max_crops=32,
-                     calibration=str(_noise_and_real(tmp_path, data)), progress=False)
+                     calibration=str(_blank_and_real(tmp_path, data)), progress=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("int8 gate: ") and "held-out images" in msg, msg
     assert re.search(r"(cosine 0\.\d{4} < 0\.99|agrees with fp32 on \d+\.\d% of 12 held-out images \(< 99%; \d+ flipped, their fp32 margins)", msg), msg
     assert not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_the_refusal_names_the_way_on_that_fits_the_figure():
+    """--quantize experts is offered where the quantised trunk is the cause (trunk or single encoder cosine,
+    routing, tokens) and the trunk was quantised; never for an expert's own error or an experts-only bundle."""
+    rule = {"strategy": "score-difference", "tau": 0.6, "lam": 0.5}
+    ok = {"images": 12, "rule": rule, "part_cosine": {"trunk": 0.999, "expert_doc": 0.999}, "tokens_cosine": {"min": 0.999},
+          "routing_agreement": 1.0, "flipped_fp32_margins": [], "scope": "all"}
+    check_gate(ok, "int8", "SRC")  # passes: no error
+    cases = [({"part_cosine": {"trunk": 0.95, "expert_doc": 0.999}}, "trunk cosine 0.9500 < 0.99", True),
+             ({"part_cosine": {"trunk": 0.999, "expert_doc": 0.95}}, "expert_doc cosine 0.9500 < 0.99", False),
+             ({"routing_agreement": 10 / 12, "flipped_fp32_margins": [0.58, 0.61]},
+              "routing agrees with fp32 on 83.3% of 12 held-out images (< 99%; 2 flipped, their fp32 margins 0.580..0.610 against tau 0.6)", True),
+             ({"tokens_cosine": {"min": 0.98}}, "tokens cosine 0.9800 < 0.99", True),
+             ({"routing_agreement": 0.5, "flipped_fp32_margins": [0.5], "scope": "experts"}, "agrees with fp32 on 50.0%", False)]
+    for change, want, offered in cases:
+        with pytest.raises(MixpertError) as e:
+            check_gate({**ok, **change}, "int8", "SRC")
+        msg = str(e.value)
+        assert want in msg and ("--quantize experts" in msg) == offered and "--precision fp16" in msg, (change, msg)
 
 
 def test_calibration_refusals_are_one_line_before_any_work(data, tmp_path, capsys):
@@ -174,7 +238,9 @@ def test_calibration_refusals_are_one_line_before_any_work(data, tmp_path, capsy
                         (["--precision", "fp8", "--calibration", str(tmp_path / "nowhere")], "no such directory"),
                         (["--precision", "int8", "--calibration", str(few)], "20 images; the gate holds out every 5th"),
                         (["--precision", "int8", "--calibration", str(tmp_path / "none*.jpg")], "no image files there"),
-                        (["--calibration", str(data / "images")], "only --precision int8 or fp8 calibrates")):
+                        (["--calibration", str(data / "images")], "only --precision int8 or fp8 calibrates"),
+                        (["--quantize", "experts"], "--quantize experts: only --precision int8 or fp8 builds"),
+                        (["--precision", "int8-dynamic", "--quantize", "all"], "--quantize all: only --precision int8")):
         capsys.readouterr()
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()

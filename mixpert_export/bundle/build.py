@@ -26,6 +26,7 @@ from .contract import PartSpec, part_specs
 from .onnx_export import OPSET, export_part, lowered, onnx_io
 from .int8 import quantize_bundle
 from .quantize import PRECISIONS as QDQ_PRECISIONS
+from .quantize import SCOPES as QDQ_SCOPES
 from .quantize import calibration_split, quantize_bundle_static
 from .validate import check, sample_inputs, validate_part
 
@@ -170,11 +171,12 @@ PRECISIONS = (*OPSET, *QDQ_PRECISIONS, "int8-dynamic")
 
 def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32", max_crops: int | None = None,
                  runtime: str = "auto", gpu_targets=None, source: dict | None = None, with_baseline: bool = True,
-                 validate: bool = True, progress: bool = True, calibration: str | None = None) -> dict:
+                 validate: bool = True, progress: bool = True, calibration: str | None = None,
+                 quantize: str = "all") -> dict:
     """Export (+ validate) every part, build TensorRT engines where asked or available, write the manifest, and
     move the bundle into place. Returns the manifest. int8 / fp8: QDQ parts calibrated on `calibration` and gated
     on its held-out images (quantize.py), engines where TensorRT accepts them; int8-dynamic: ONNX Runtime CPU's
-    dynamic quantisation of the fp32 parts (int8.py)."""
+    dynamic quantisation of the fp32 parts (int8.py). `quantize`: int8 / fp8's scope, all or experts (quantize.py)."""
     out = Path(out)
     cfg = model.cfg
     if precision not in PRECISIONS:
@@ -186,8 +188,12 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
                            "--precision int8 --calibration DIR (QDQ) or fp16")
     if precision in QDQ_PRECISIONS:
         calibration_split(calibration)  # refuse a missing or thin --calibration before minutes of export
+        if quantize not in QDQ_SCOPES:
+            raise MixpertError(f"--quantize {quantize}: choose {' or '.join(QDQ_SCOPES)}")
     elif calibration:
         raise MixpertError(f"--calibration {calibration}: only --precision int8 or fp8 calibrates; drop it")
+    elif quantize != "all":
+        raise MixpertError(f"--quantize {quantize}: only --precision int8 or fp8 builds choose what is quantised; drop it")
     if runtime == "tensorrt":
         trtb.import_tensorrt()  # fail before minutes of export
     check_gpu_targets(gpu_targets, runtime, precision)
@@ -211,7 +217,7 @@ def build_bundle(model: MixpertVision, out: str | Path, precision: str = "fp32",
             if precision == "int8-dynamic":
                 quantize_bundle(model, fp32, tmp, manifest)
             else:
-                quantize_bundle_static(model, fp32, tmp, manifest, precision, calibration, progress)
+                quantize_bundle_static(model, fp32, tmp, manifest, precision, calibration, progress, quantize)
             shutil.rmtree(fp32)
             if precision in QDQ_PRECISIONS and (runtime == "tensorrt" or (runtime == "auto" and trtb.available())):
                 manifest["quantization"]["tensorrt"] = compile_quantised(tmp, manifest, gpu_targets, progress,

@@ -12,6 +12,11 @@ The images: every 5th file of the sorted source is held out for the gate, the re
 held-out images, against fp32 torch: each part's output cosine (experts and the router on fp32 trunk features, so
 a part's own error), the tokens cosine per image through the quantised bundle's own routing, and routing agreement
 under the bundle's rule. ONNX Runtime CPU runs the QDQ graphs (the reference that runs here).
+
+`--quantize experts` leaves the trunk in fp32 (copied as validated) and quantises only the expert layers: in
+each expert, and in the single encoder its last nodes that are the versatile expert's (so the baseline stays the
+same computation as the Mixpert path it is compared with). The router then sees exactly the fp32 features, so the
+routing decision cannot move; what is saved is the experts' memory (the ~237M parameters Mixpert adds).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from . import manifest as mf
 from .onnx_export import onnx_io
 
 PRECISIONS = ("int8", "fp8")
+# what is quantised: "all" (trunk, experts, single encoder: the speed) or "experts" (the experts and the single
+# encoder's expert layers; the trunk, so the router's input and decision, stays fp32: the memory, routing exact)
+SCOPES = ("all", "experts")
 GATE = {"part_cosine": 0.99, "tokens_cosine": 0.99, "routing_agreement": 0.99}  # the defaults a user would accept
 HELD_OUT_EVERY = 5  # every 5th image of the sorted source is held out for the gate
 MIN_HELD_OUT = 10  # fewer held-out images cannot tell 99% agreement from chance
@@ -109,6 +117,67 @@ def _weight_matmuls(path: Path) -> list[str]:
     return [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
 
 
+def _gemms_as_matmuls(src: Path, work: Path) -> Path:
+    """`src` with each Gemm of a weight (alpha = beta = 1, no transA) rewritten as MatMul (same name, weight
+    transposed where transB) + Add of its bias; `src` itself when it has none. Why: with the bias left in float
+    (QuantizeBias False, as TensorRT-RTX needs) a QDQ Gemm has a non-quantised third input, which ONNX Runtime's
+    QDQ fusion refuses, so it ran in fp32 on weights dequantised every call (Qwen2-VL's fused qkv projection is a
+    Gemm); as MatMul + Add it fuses like every other linear layer. TensorRT takes either form."""
+    m = onnx.load(str(src), load_external_data=False)
+    weights = {i.name: i for i in m.graph.initializer}
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in weights]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in gemms]
+    gemms = [n for n, a in zip(gemms, attrs) if a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)]
+    if not gemms:
+        return src
+    rewrite = {n.name for n in gemms}
+    m = onnx.load(str(src))  # with its weights
+    weights = {i.name: i for i in m.graph.initializer}
+    users: dict[str, int] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    nodes = []
+    for n in m.graph.node:
+        if n.name not in rewrite:
+            nodes.append(n)
+            continue
+        b, y = n.input[1], n.output[0]
+        if any(a.name == "transB" and a.i for a in n.attribute):
+            w = onnx.numpy_helper.to_array(weights[b]).T.copy()
+            if users[b] == 1:
+                m.graph.initializer.remove(weights[b])
+            b += "_t"  # a new name: no shape recorded for the old one can contradict it
+            m.graph.initializer.append(onnx.numpy_helper.from_array(w, b))
+        bias = len(n.input) > 2 and n.input[2]
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], b], [y + "_matmul" if bias else y], name=n.name))
+        if bias:
+            nodes.append(onnx.helper.make_node("Add", [y + "_matmul", n.input[2]], [y], name=n.name + "_bias"))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    work.mkdir(exist_ok=True)
+    dst = work / src.name
+    big = sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.8 * 2**30
+    onnx.save(m, str(dst), save_as_external_data=big, location=src.name + ".data" if big else None)
+    return dst
+
+
+def _expert_nodes_of_single(single: Path, expert: Path) -> list[str]:
+    """The single encoder's linear layers that are the versatile expert's: its last n weight MatMuls in graph
+    (topological) order, n the expert's own count, each checked to carry a weight of the same shape."""
+    def weights(path):
+        m = onnx.load(str(path), load_external_data=False)
+        shapes = {i.name: tuple(i.dims) for i in m.graph.initializer}
+        return [(n.name, shapes[n.input[1]]) for n in m.graph.node
+                if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in shapes]
+    s, e = weights(single), weights(expert)
+    tail = s[len(s) - len(e):]
+    if len(e) > len(s) or [w for _, w in tail] != [w for _, w in e]:
+        raise MixpertError(f"{single.name}: its last {len(e)} linear layers do not match {expert.name}'s weights; "
+                           "--quantize experts cannot find the expert layers in the single encoder (build --quantize all)")
+    return [n for n, _ in tail]
+
+
 def _feed_for(names: list[str], feed: dict, hidden: np.ndarray | None) -> dict:
     out = {}
     for n in names:
@@ -121,7 +190,8 @@ def _stride(n: int, most: int = 16) -> int:
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
 
 
-def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files: list[Path]) -> dict:
+def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files: list[Path],
+                   nodes: list[str] | None = None) -> dict:
     """quantize_static of one part, calibrated on the cached images `files` in passes of a few images
     (CalibStridedMinMax: each pass merges its ranges or histograms, so memory stays bounded at real scale; ORT's
     CalibMaxIntermediateOutputs would instead drop every full batch of outputs unmeasured, onnxruntime 1.32)."""
@@ -146,9 +216,11 @@ def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files
             return _feed_for(names, d, d.get("hidden"))
 
     qtype, method, _ = _quant_types(precision)
-    nodes = _weight_matmuls(src)
+    nodes = _weight_matmuls(src) if nodes is None else nodes
+    src = _gemms_as_matmuls(src, dst.parent / ".gemm")  # node names kept: `nodes` still names them
     big = sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.8 * 2**30  # protobuf's 2 GB limit
-    options = {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True,
+    options = {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
+               "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
                "CalibStridedMinMax": _stride(len(files))}
     t0 = time.perf_counter()
     logging.disable(logging.WARNING)  # the quantiser's root-logger advice on every call
@@ -160,6 +232,8 @@ def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files
                             use_external_data_format=big, extra_options=options)
     finally:
         logging.disable(logging.NOTSET)
+        if src.parent.name == ".gemm":
+            shutil.rmtree(src.parent)
     return {"quantized_nodes": len(nodes), "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -169,12 +243,14 @@ def _cos(a, b) -> float:
 
 
 def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest: dict, precision: str, source: str,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, scope: str = "all") -> dict:
     """One step of an int8 / fp8 build: the validated fp32 parts in `fp32` -> QDQ parts in `out` (the router
     copied), calibrated on `source`, then gated on its held-out images. Fills `manifest` in place; refuses a bundle
     that misses the gate in one line naming the part and the figure."""
     if precision not in PRECISIONS:
         raise MixpertError(f"--precision {precision}: static QDQ quantisation is int8 or fp8")
+    if scope not in SCOPES:
+        raise MixpertError(f"--quantize {scope}: choose {' or '.join(SCOPES)}")
     calib, held = calibration_split(source)
     imgs = _Images(model)
     cache = out / ".calibration"  # inside the staging directory: a killed build leaves nothing beside the bundle
@@ -202,20 +278,32 @@ def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest
             part = manifest["parts"][name]
             src, dst = fp32 / part["onnx"]["file"], out / part["onnx"]["file"]
             names = [t["name"] for t in part["onnx"]["io"]["inputs"]]
-            done[name] = _quantize_part(src, dst, precision, names, kept)
+            if scope == "experts" and name == "trunk":  # the router's input stays exactly as validated
+                for f in fp32.glob(src.name + "*"):
+                    shutil.copy2(f, out / f.name)
+                done[name] = {"quantized_nodes": 0, "kept": "fp32"}
+                continue
+            nodes = None
+            if scope == "experts" and name == "single_encoder":
+                versatile = fp32 / manifest["parts"][f"expert_{VERSATILE}"]["onnx"]["file"]
+                nodes = _expert_nodes_of_single(src, versatile)
+            done[name] = _quantize_part(src, dst, precision, names, kept, nodes)
         for name, part in manifest["parts"].items():
             files = [p for p in out.iterdir() if p.name == part["onnx"]["file"] or p.name.startswith(part["onnx"]["file"] + ".")]
             part["onnx"] |= {"sha256": {p.name: mf.sha256(p) for p in files}, "bytes": sum(p.stat().st_size for p in files),
                              "io": onnx_io(out / part["onnx"]["file"])}
         gate = gate_figures(model, out, manifest, held, imgs, progress)
+        gate["scope"] = scope
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     qtype, method, onnx_type = _quant_types(precision)
     manifest["quantization"] = {
-        "method": "static QDQ (onnxruntime.quantization.quantize_static)", "type": onnx_type,
+        "method": mf.QDQ_METHOD, "type": onnx_type,
         "calibrator": method.name, "weights": "symmetric, per output channel", "activations": "symmetric, per tensor",
         "quantized": "MatMul/Gemm of the linear layers (weight inputs)",
-        "kept_fp32": "router, LayerNorm, Softmax, GELU, patch-embedding Conv, attention MatMuls, biases",
+        "scope": scope,
+        "kept_fp32": ("trunk (all of it), the single encoder's trunk layers, " if scope == "experts" else "")
+        + "router, LayerNorm, Softmax, GELU, patch-embedding Conv, attention MatMuls, biases",
         "parts": done,
         "calibration": {"source": str(source), "images": len(kept), "held_out": len(held), "skipped": imgs.skipped,
                         "split": f"every {HELD_OUT_EVERY}th file of the sorted source held out for the gate"},
@@ -225,7 +313,8 @@ def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest
             c, d = gate["part_cosine"][name], gate["part_max_abs"][name]
             part["validation"] = {"status": "pass" if c >= GATE["part_cosine"] else "fail",
                                   "tolerance": {"cosine": GATE["part_cosine"]}, "reference": "torch fp32 (CPU)",
-                                  "runtime": f"onnxruntime CPU, QDQ {onnx_type}", "images": len(held),
+                                  "runtime": "onnxruntime CPU, " + ("fp32 (not quantised)" if done[name].get("kept")
+                                                                    else f"QDQ {onnx_type}"), "images": len(held),
                                   "outputs": {part["onnx"]["io"]["outputs"][0]["name"]: {"cosine": c, "max_abs": d,
                                                                                        "finite": True}}}
     check_gate(gate, precision, source)
@@ -234,11 +323,13 @@ def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest
 
 def check_gate(gate: dict, precision: str, source: str):
     """Refuse, in one line naming the part and the figure, a bundle that misses the gate."""
-    fix = "calibrate on more images like the ones you serve (--calibration), or build --precision fp16"
+    def fix(trunk_side: bool = True) -> str:  # --quantize experts helps where the quantised trunk is the cause
+        experts = " --quantize experts (the trunk, so the routing, stays fp32) or" if trunk_side and gate.get("scope") == "all" else ""
+        return f"calibrate on more images like the ones you serve (--calibration), or build{experts} --precision fp16"
     for name, c in sorted(gate["part_cosine"].items(), key=lambda kv: kv[1]):
         if c < GATE["part_cosine"]:
             raise MixpertError(f"{precision} gate: {name} cosine {c:.4f} < {GATE['part_cosine']} against fp32 torch on "
-                               f"{gate['images']} held-out images of {source}; {fix}")
+                               f"{gate['images']} held-out images of {source}; {fix(not name.startswith('expert_'))}")
     if gate["routing_agreement"] < GATE["routing_agreement"]:
         rule = gate["rule"]
         edge = (f"tau {rule['tau']}" if rule["strategy"] == "score-difference" else f"lam {rule['lam']}"
@@ -246,10 +337,10 @@ def check_gate(gate: dict, precision: str, source: str):
         m = gate["flipped_fp32_margins"]
         raise MixpertError(f"{precision} gate: routing agrees with fp32 on {gate['routing_agreement']:.1%} of "
                            f"{gate['images']} held-out images (< {GATE['routing_agreement']:.0%}; {len(m)} flipped, "
-                           f"their fp32 margins {min(m):.3f}..{max(m):.3f} against {edge}); {fix}")
+                           f"their fp32 margins {min(m):.3f}..{max(m):.3f} against {edge}); {fix()}")
     if gate["tokens_cosine"]["min"] < GATE["tokens_cosine"]:
         raise MixpertError(f"{precision} gate: tokens cosine {gate['tokens_cosine']['min']:.4f} < {GATE['tokens_cosine']} "
-                           f"(worst of {gate['images']} held-out images of {source}); {fix}")
+                           f"(worst of {gate['images']} held-out images of {source}); {fix()}")
 
 
 def gate_figures(model: MixpertVision, bundle: Path, manifest: dict, held: list[str], imgs: _Images,
@@ -257,8 +348,9 @@ def gate_figures(model: MixpertVision, bundle: Path, manifest: dict, held: list[
     """The gate's figures on the held-out images: per part cosine (worst image), tokens cosine per image through
     each side's own routing, routing agreement under the bundle's rule. Quantised parts on ONNX Runtime CPU."""
     cfg = model.cfg
-    sess = {n: ort.InferenceSession(str(bundle / p["onnx"]["file"]), providers=["CPUExecutionProvider"])
-            for n, p in manifest["parts"].items()}
+    off = mf.ort_disabled_optimizers({"quantization": {"method": mf.QDQ_METHOD}})  # the sessions the runtime makes
+    sess = {n: ort.InferenceSession(str(bundle / p["onnx"]["file"]), providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=off) for n, p in manifest["parts"].items()}
     inputs = {n: [i.name for i in s.get_inputs()] for n, s in sess.items()}
     part_cos = {n: [] for n in manifest["parts"] if n != "router"}
     part_abs = {n: [] for n in part_cos}

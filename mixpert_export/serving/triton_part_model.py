@@ -17,7 +17,9 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = min(os.cpu_count() or 1, 16)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        off = config["parameters"].get("disabled_optimizers", {}).get("string_value", "")  # e.g. QDQ parts: CSE
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=[o for o in off.split(",") if o])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

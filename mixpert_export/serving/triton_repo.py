@@ -73,14 +73,17 @@ def _tensor(pb, spec: dict, batched: bool):
 
 
 def part_config(pb, name: str, part: str, entry: dict, platform: str, kind: str, instances: int, max_crops: int,
-                rows: str = "crops"):
-    """ModelConfig of one part. entry: the manifest part; io from the file Triton will load."""
+                rows: str = "crops", disabled: list[str] = ()):
+    """ModelConfig of one part. entry: the manifest part; io from the file Triton will load. disabled: ONNX Runtime
+    optimizers the python part leaves off (the backend's rule for the bundle, e.g. QDQ parts)."""
     io = (entry["engine"] if platform == "tensorrt_plan" else entry["onnx"])["io"]
     batched = _BATCHED(part, rows)
     cfg = pb.ModelConfig(name=name, max_batch_size=max_crops if batched else 0)
     if platform == "python":
         cfg.backend = "python"
         cfg.parameters["onnx_file"].string_value = "model.onnx"
+        if disabled:
+            cfg.parameters["disabled_optimizers"].string_value = ",".join(disabled)
     else:
         cfg.platform = platform
     for t in io["inputs"]:
@@ -140,7 +143,8 @@ def write_repository(bundle: str | Path, out: str | Path, platform: str = "auto"
                 continue
             name = part_model_name(part)
             n = expert_instances.get(part[len("expert_"):], instances) if part.startswith("expert_") else instances
-            mcfg = part_config(pb, name, part, entry, platform, kind, n, int(manifest["max_crops"]), rows)
+            mcfg = part_config(pb, name, part, entry, platform, kind, n, int(manifest["max_crops"]), rows,
+                               mf.ort_disabled_optimizers(manifest))
             version = tmp / name / "1"
             version.mkdir(parents=True)
             if platform == "tensorrt_plan":

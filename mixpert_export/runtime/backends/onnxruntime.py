@@ -22,6 +22,7 @@ from .base import Backend
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8}
 
 
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -60,15 +61,16 @@ class OnnxRuntimeBackend(Backend):
             return [cuda, "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _session(self, path: Path, opts, name: str):
+    def _session(self, path: Path, opts, name: str, disabled: list[str]):
         """With CUDA graphs requested, a part whose nodes do not all land on the CUDA EP cannot be captured: it
         runs without graphs, and describe() says which."""
         if self.cuda_graphs:
             try:
-                return ort.InferenceSession(str(path), opts, providers=self.providers(graphs=True))
+                return ort.InferenceSession(str(path), opts, providers=self.providers(graphs=True),
+                                            disabled_optimizers=disabled)
             except Exception as e:  # noqa: BLE001 - ORT's own error types
                 self.no_graph[name] = str(e).splitlines()[0][:160]
-        return ort.InferenceSession(str(path), opts, providers=self.providers())
+        return ort.InferenceSession(str(path), opts, providers=self.providers(), disabled_optimizers=disabled)
 
     def load(self, bundle: Path, manifest: dict) -> "OnnxRuntimeBackend":
         if manifest["precision"] == "bf16" and self.device == "cpu":
@@ -89,7 +91,7 @@ class OnnxRuntimeBackend(Backend):
         for name, part in manifest["parts"].items():
             path = bundle / part["onnx"]["file"]
             try:
-                sess = self._session(path, opts, name)
+                sess = self._session(path, opts, name, mf.ort_disabled_optimizers(manifest))
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise MixpertError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                    f"rebuild: {mf.rebuild_command(manifest, bundle)}") from None
