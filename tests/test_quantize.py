@@ -326,3 +326,37 @@ def test_int8_dynamic_builds_for_every_family(backbone, tmp_path):
     assert all(p["validation"]["status"] == "pass" for n, p in m["parts"].items() if n != "router")
     assert m["int8"]["images"] >= 3 and m["int8"]["speedup"]["int8_ms"] > 0
     assert MixpertPipeline.from_engines(tmp_path / "b", runtime="onnxruntime").cfg.backbone.name == backbone
+
+
+def test_gemm_is_rewritten_as_matmul_plus_add_with_the_same_outputs(tmp_path):
+    """The rewrite before quantisation (so ONNX Runtime fuses the layer with a float bias): a Gemm with transB and a
+    bias, one without transB, and one whose weight another node also reads, against onnx's reference evaluator."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from mixpert_export.bundle.quantize import _gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal(6).astype(np.float32)  # [out, in]
+    w2 = rng.standard_normal((6, 5)).astype(np.float32)  # [in, out], no transB, no bias
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1", transB=1),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="g2"),
+             helper.make_node("Gemm", ["x", "w1"], ["z"], name="g3", transB=1)]  # w1 read twice
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 6])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+                               numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    dst = _gemms_as_matmuls(src, tmp_path / "work")
+    m = onnx.load(str(dst))
+    onnx.checker.check_model(m, full_check=True)
+    assert [n.op_type for n in m.graph.node] == ["MatMul", "Add", "MatMul", "MatMul"]
+    assert [n.name for n in m.graph.node if n.op_type == "MatMul"] == ["g1", "g2", "g3"]  # names kept for nodes_to_quantize
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    want = ReferenceEvaluator(str(src)).run(None, {"x": x})
+    got = ReferenceEvaluator(m).run(None, {"x": x})
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert _gemms_as_matmuls(dst, tmp_path / "again") == dst  # nothing left to rewrite: the file itself

@@ -2,9 +2,12 @@
 user's images, gated on held-out images of the same source.
 
 The quantiser is ONNX Runtime's own `quantize_static` in QDQ format (README, "Quantised bundles", says why not
-NVIDIA ModelOpt). What is quantised: the MatMul / Gemm nodes of the linear layers (those whose second input is a
-weight), weights symmetric per output channel, activations symmetric per tensor (int8: MinMax calibration; fp8
-e4m3: the Distribution calibrator, the one quantize_static takes for float types). Left in fp32: the router (it
+NVIDIA ModelOpt). What is quantised: the inputs of the linear layers' MatMuls (those whose second input is a
+weight; a Gemm is first rewritten as MatMul + Add), weights symmetric per output channel, activations symmetric per
+tensor (int8: MinMax calibration; fp8 e4m3: the Distribution calibrator, the one quantize_static takes for float
+types); their outputs stay float (no Q/DQ after a linear layer: one rounding less, and the placement TensorRT's
+guide recommends). ONNX Runtime CPU then runs each quantised layer as one integer kernel, given the optimizers
+manifest.ort_disabled_optimizers leaves off. Left in fp32: the router (it
 decides the expert, copied as exported), LayerNorm, Softmax, GELU, the patch-embedding Conv, attention's
 activation-by-activation MatMuls, and biases (TensorRT-RTX's parser refuses int32 bias DequantizeLinear).
 
@@ -133,10 +136,7 @@ def _gemms_as_matmuls(src: Path, work: Path) -> Path:
     rewrite = {n.name for n in gemms}
     m = onnx.load(str(src))  # with its weights
     weights = {i.name: i for i in m.graph.initializer}
-    users: dict[str, int] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            users[i] = users.get(i, 0) + 1
+    transposed: dict[str, str] = {}
     nodes = []
     for n in m.graph.node:
         if n.name not in rewrite:
@@ -144,15 +144,18 @@ def _gemms_as_matmuls(src: Path, work: Path) -> Path:
             continue
         b, y = n.input[1], n.output[0]
         if any(a.name == "transB" and a.i for a in n.attribute):
-            w = onnx.numpy_helper.to_array(weights[b]).T.copy()
-            if users[b] == 1:
-                m.graph.initializer.remove(weights[b])
-            b += "_t"  # a new name: no shape recorded for the old one can contradict it
-            m.graph.initializer.append(onnx.numpy_helper.from_array(w, b))
+            if b not in transposed:  # a new name: no shape recorded for the old one can contradict it
+                transposed[b] = b + "_t"
+                m.graph.initializer.append(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights[b]).T.copy(), b + "_t"))
+            b = transposed[b]
         bias = len(n.input) > 2 and n.input[2]
         nodes.append(onnx.helper.make_node("MatMul", [n.input[0], b], [y + "_matmul" if bias else y], name=n.name))
         if bias:
             nodes.append(onnx.helper.make_node("Add", [y + "_matmul", n.input[2]], [y], name=n.name + "_bias"))
+    used = {i for n in nodes for i in n.input}
+    for b in transposed:
+        if b not in used:
+            m.graph.initializer.remove(weights[b])
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     work.mkdir(exist_ok=True)
@@ -300,7 +303,7 @@ def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest
     manifest["quantization"] = {
         "method": mf.QDQ_METHOD, "type": onnx_type,
         "calibrator": method.name, "weights": "symmetric, per output channel", "activations": "symmetric, per tensor",
-        "quantized": "MatMul/Gemm of the linear layers (weight inputs)",
+        "quantized": "inputs of the linear layers' MatMuls (Gemm rewritten as MatMul + Add); outputs float",
         "scope": scope,
         "kept_fp32": ("trunk (all of it), the single encoder's trunk layers, " if scope == "experts" else "")
         + "router, LayerNorm, Softmax, GELU, patch-embedding Conv, attention MatMuls, biases",
