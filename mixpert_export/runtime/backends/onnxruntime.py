@@ -22,7 +22,6 @@ from .base import Backend
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8}
 
 
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
