@@ -19,7 +19,7 @@ from mixpert_train.model import MixpertVision, pool_matrix, route
 
 from . import manifest as mf
 from .onnx_export import onnx_io
-from .validate import sample_inputs
+from .validate import cosine, sample_inputs
 
 INT8_COSINE = 0.99  # gate: every int8 part's output cosine against fp32 torch
 INT8_AGREEMENT = 0.9  # gate: fraction of images routed to the same expert as fp32 (score-difference)
@@ -28,10 +28,6 @@ INT8_AGREEMENT = 0.9  # gate: fraction of images routed to the same expert as fp
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-
-def _cos(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 def measure_speedup(fp32: Path, int8: Path, feed: dict, reps: int = 5) -> dict:
@@ -80,7 +76,7 @@ def quantize_bundle(model: MixpertVision, fp32: Path, out: Path, manifest: dict)
             finally:
                 logging.disable(logging.NOTSET)
             got = _session(dst).run(None, feed(part))[0]
-            cos = _cos(got, want[name])
+            cos = cosine(got, want[name])
             part["validation"] = {"status": "pass" if cos >= INT8_COSINE else "fail", "tolerance": {"cosine": INT8_COSINE},
                                   "reference": "torch fp32 (CPU)", "runtime": "onnxruntime CPU, dynamic int8",
                                   "outputs": {part["onnx"]["io"]["outputs"][0]["name"]:

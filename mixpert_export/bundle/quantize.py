@@ -45,6 +45,7 @@ from mixpert_train.preprocess import IMAGE_SUFFIXES, ImageError, Preprocessor, l
 
 from . import manifest as mf
 from .onnx_export import onnx_io
+from .validate import cosine
 
 PRECISIONS = ("int8", "fp8")
 # what is quantised: "all" (trunk, experts, single encoder: the speed) or "experts" (the experts and the single
@@ -113,11 +114,13 @@ class _Images:
         return self.model.trunk(self.pixel_input(torch.from_numpy(feed["pixel_values"])), *extra).numpy()
 
 
-def _weight_matmuls(path: Path) -> list[str]:
-    """MatMul / Gemm nodes whose second input is an initializer: the linear layers (not attention's products)."""
+def _linear_layers(path: Path) -> list[tuple[str, tuple]]:
+    """(name, weight shape) of each MatMul / Gemm whose second input is an initializer, in graph order: the linear
+    layers (not attention's activation products)."""
     m = onnx.load(str(path), load_external_data=False)
-    weights = {i.name for i in m.graph.initializer}
-    return [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+    shapes = {i.name: tuple(i.dims) for i in m.graph.initializer}
+    return [(n.name, shapes[n.input[1]]) for n in m.graph.node
+            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in shapes]
 
 
 def _gemms_as_matmuls(src: Path, work: Path) -> Path:
@@ -126,14 +129,14 @@ def _gemms_as_matmuls(src: Path, work: Path) -> Path:
     (QuantizeBias False, as TensorRT-RTX needs) a QDQ Gemm has a non-quantised third input, which ONNX Runtime's
     QDQ fusion refuses, so it ran in fp32 on weights dequantised every call (Qwen2-VL's fused qkv projection is a
     Gemm); as MatMul + Add it fuses like every other linear layer. TensorRT takes either form."""
+    layers = {name for name, _ in _linear_layers(src)}
     m = onnx.load(str(src), load_external_data=False)
-    weights = {i.name: i for i in m.graph.initializer}
-    gemms = [n for n in m.graph.node if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in weights]
-    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in gemms]
-    gemms = [n for n, a in zip(gemms, attrs) if a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)]
-    if not gemms:
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in m.graph.node if n.op_type == "Gemm" and n.name in layers}
+    rewrite = {n for n, a in attrs.items()
+               if a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)}
+    if not rewrite:
         return src
-    rewrite = {n.name for n in gemms}
     m = onnx.load(str(src))  # with its weights
     weights = {i.name: i for i in m.graph.initializer}
     transposed: dict[str, str] = {}
@@ -143,7 +146,7 @@ def _gemms_as_matmuls(src: Path, work: Path) -> Path:
             nodes.append(n)
             continue
         b, y = n.input[1], n.output[0]
-        if any(a.name == "transB" and a.i for a in n.attribute):
+        if attrs[n.name].get("transB", 0):
             if b not in transposed:  # a new name: no shape recorded for the old one can contradict it
                 transposed[b] = b + "_t"
                 m.graph.initializer.append(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights[b]).T.copy(), b + "_t"))
@@ -168,12 +171,7 @@ def _gemms_as_matmuls(src: Path, work: Path) -> Path:
 def _expert_nodes_of_single(single: Path, expert: Path) -> list[str]:
     """The single encoder's linear layers that are the versatile expert's: its last n weight MatMuls in graph
     (topological) order, n the expert's own count, each checked to carry a weight of the same shape."""
-    def weights(path):
-        m = onnx.load(str(path), load_external_data=False)
-        shapes = {i.name: tuple(i.dims) for i in m.graph.initializer}
-        return [(n.name, shapes[n.input[1]]) for n in m.graph.node
-                if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in shapes]
-    s, e = weights(single), weights(expert)
+    s, e = _linear_layers(single), _linear_layers(expert)
     tail = s[len(s) - len(e):]
     if len(e) > len(s) or [w for _, w in tail] != [w for _, w in e]:
         raise MixpertError(f"{single.name}: its last {len(e)} linear layers do not match {expert.name}'s weights; "
@@ -219,7 +217,7 @@ def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files
             return _feed_for(names, d, d.get("hidden"))
 
     qtype, method, _ = _quant_types(precision)
-    nodes = _weight_matmuls(src) if nodes is None else nodes
+    nodes = [n for n, _ in _linear_layers(src)] if nodes is None else nodes
     src = _gemms_as_matmuls(src, dst.parent / ".gemm")  # node names kept: `nodes` still names them
     big = sum(f.stat().st_size for f in src.parent.glob(src.name + "*")) > 1.8 * 2**30  # protobuf's 2 GB limit
     options = {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
@@ -242,10 +240,6 @@ def _quantize_part(src: Path, dst: Path, precision: str, names: list[str], files
             shutil.rmtree(src.parent)
     return {"quantized_nodes": len(nodes), "seconds": round(time.perf_counter() - t0, 2)}
 
-
-def _cos(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 def quantize_bundle_static(model: MixpertVision, fp32: Path, out: Path, manifest: dict, precision: str, source: str,
@@ -362,7 +356,7 @@ def gate_figures(model: MixpertVision, bundle: Path, manifest: dict, held: list[
     part_abs = {n: [] for n in part_cos}
 
     def compare(name, got, want):
-        part_cos[name].append(_cos(got, want))
+        part_cos[name].append(cosine(got, want))
         part_abs[name].append(float(np.abs(np.asarray(got, np.float64) - want).max()))
     tokens_cos, agree, score_d, flips = [], [], [], []
     for path in tqdm(held, desc="gate (held-out)", unit="img", disable=not progress):
@@ -391,7 +385,7 @@ def gate_figures(model: MixpertVision, bundle: Path, manifest: dict, held: list[
         e32 = route(s32, cfg.domains, cfg.strategy, cfg.tau, cfg.lam)[0]
         eq = route(sq, cfg.domains, cfg.strategy, cfg.tau, cfg.lam)[0]
         tq = sess[f"expert_{eq}"].run(None, _feed_for(inputs[f"expert_{eq}"], feed, hq))[0]
-        tokens_cos.append(_cos(tq, want[e32]))
+        tokens_cos.append(cosine(tq, want[e32]))
         agree.append(e32 == eq)
         if e32 != eq:  # how close to the rule's threshold the fp32 decision was
             flips.append(round(float(margins(s32)[0] if cfg.strategy == "score-difference" else s32.max()), 4))
