@@ -132,6 +132,11 @@ _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 # transformers' Qwen2VLVisionConfig names for Qwen2-VL-7B's ViT (its hidden_size is the merger's output, the LLM's).
 _QWEN2_VIT = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
                   in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+# transformers' Qwen2_5_VLVisionConfig names for Qwen2.5-VL-7B's ViT (published vision_config: hidden_size is the
+# tower's width here, out_hidden_size the merger's output; windows of 112 px; full attention in 4 of 32 blocks).
+_QWEN25_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, hidden_act="silu", num_heads=16, in_channels=3,
+                   patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584)
 _TABLE8_DOMAINS = ("chart", "doc", "general")
 
 REGISTRY: dict[str, Backbone] = {
@@ -182,6 +187,23 @@ REGISTRY: dict[str, Backbone] = {
         name="tiny-qwen2-vl", family="qwen2vit",
         vision=dict(depth=6, embed_dim=96, hidden_size=128, hidden_act="quick_gelu", mlp_ratio=4, num_heads=4,
                     in_channels=3, patch_size=8, temporal_patch_size=2, spatial_merge_size=2),
+        llm_hidden_size=128, max_grid_crops=1, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS,
+        pixels=(16 * 16, 128 * 128),
+    ),
+    # Qwen2.5-VL-7B: Qwen2-VL's rows (14 px patches, 2x2 merge, the same processor and pixel bounds) through 32
+    # RMSNorm + SwiGLU blocks attending within 112 px windows, within the image at blocks 7, 15, 23, 31; merger into
+    # Qwen2.5-7B's 3584. Domains as for Qwen2-VL. k = 2: the experts own block 30 (windowed) and 31 (full).
+    "qwen2.5-vl-7b": Backbone(
+        name="qwen2.5-vl-7b", family="qwen25vit", vision=_QWEN25_VIT, llm_hidden_size=3584, max_grid_crops=1,
+        image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS, pixels=(56 * 56, 28 * 28 * 1280),
+    ),
+    # The same code path at a few MB: 8 px patches, 32 px windows (2x2 merge units), full attention at blocks 1 and 5,
+    # so k = 2 gives each expert a windowed and a full block and the trunk both kinds.
+    "tiny-qwen2.5-vl": Backbone(
+        name="tiny-qwen2.5-vl", family="qwen25vit",
+        vision=dict(depth=6, hidden_size=96, intermediate_size=160, hidden_act="silu", num_heads=4, in_channels=3,
+                    patch_size=8, temporal_patch_size=2, spatial_merge_size=2, window_size=32,
+                    fullatt_block_indexes=[1, 5], out_hidden_size=128),
         llm_hidden_size=128, max_grid_crops=1, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS,
         pixels=(16 * 16, 128 * 128),
     ),
@@ -352,5 +374,7 @@ class Adapter:
         its image-token positions, in order. image_size: the original (height, width)."""
         raise NotImplementedError(f"{self.family}: no packing of visual tokens for the LLM yet")
 
-    def layer(self, bb: Backbone) -> nn.Module:
+    def layer(self, bb: Backbone, index: int) -> nn.Module:
+        """Layer `index` of the tower (0 first), as transformers builds it; the index matters where layers differ
+        (Qwen2.5-VL: windowed attention except at fullatt_block_indexes)."""
         raise NotImplementedError

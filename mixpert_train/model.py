@@ -132,7 +132,7 @@ class Trunk(nn.Module):
         ad = adapter_for(cfg.backbone)
         self.embeddings = ad.embeddings(cfg.backbone)
         self.context = ad.context(cfg.backbone)
-        self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.trunk_layers)
+        self.layers = nn.ModuleList(ad.layer(cfg.backbone, i) for i in cfg.trunk_layers)
 
     def forward(self, pixel_values, *rows):
         h = self.embeddings(pixel_values)
@@ -150,7 +150,7 @@ class Expert(nn.Module):
         super().__init__()
         ad = adapter_for(cfg.backbone)
         self.context = ad.context(cfg.backbone)
-        self.layers = nn.ModuleList(ad.layer(cfg.backbone) for _ in cfg.expert_layer_range)
+        self.layers = nn.ModuleList(ad.layer(cfg.backbone, i) for i in cfg.expert_layer_range)
         self.projector = ad.projector(cfg.backbone)
         self.drop_first = cfg.backbone.select_strategy == "default"
 

@@ -32,8 +32,8 @@ def test_entries_round_trip():
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(MixpertError, match="internvl2-8b, llava-ov-7b, qwen2-vl-7b, tiny"):
-        get_backbone("qwen2.5-vl-7b")
+    with pytest.raises(MixpertError, match="internvl2-8b, llava-ov-7b, qwen2-vl-7b, qwen2.5-vl-7b, tiny"):
+        get_backbone("qwen9-vl")
 
 
 # Qwen/Qwen2-VL-7B-Instruct config.json (the fields that matter, in its original layout: the text sizes at the top
@@ -46,13 +46,34 @@ QWEN2_VL_7B = {
 }
 
 
-def test_qwen2_vl_7b_entry_is_what_its_config_says():
-    from mixpert_train.families.qwen2_vl import backbone_from_qwen2_vl_config
+# Qwen/Qwen2.5-VL-7B-Instruct config.json (the fields that matter, its published layout: text sizes at the top level,
+# in_chans; hidden_size is the tower's width, out_hidden_size the merger's), as the model card's config lists them
+QWEN2_5_VL_7B = {
+    "model_type": "qwen2_5_vl", "hidden_size": 3584, "image_token_id": 151655,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+}
 
-    bb = get_backbone("qwen2-vl-7b")
-    from_cfg = backbone_from_qwen2_vl_config(QWEN2_VL_7B, name="qwen2-vl-7b", base=bb)
+
+@pytest.mark.parametrize("entry, config", [("qwen2-vl-7b", QWEN2_VL_7B), ("qwen2.5-vl-7b", QWEN2_5_VL_7B)])
+def test_qwen_vl_7b_entries_are_what_their_configs_say(entry, config):
+    from mixpert_train.families import adapter_for_config
+
+    bb = get_backbone(entry)
+    from_cfg = adapter_for_config(config, "config.json").backbone_from_config(config, entry, bb, "config.json", None, None)
     assert from_cfg.to_dict() == bb.to_dict()
     assert (bb.layers_in_use, bb.hidden_size, bb.llm_hidden_size, bb.domains) == (32, 1280, 3584, ("chart", "doc", "general"))
+
+
+def test_qwen2_5_vl_windows_must_be_whole_merge_units():
+    from mixpert_train.families import adapter_for_config
+
+    bad = dict(QWEN2_5_VL_7B, vision_config=dict(QWEN2_5_VL_7B["vision_config"], window_size=100))
+    with pytest.raises(MixpertError, match="window_size 100 is not a whole number of merge units") as e:
+        adapter_for_config(bad, "config.json").backbone_from_config(bad, "x", None, "config.json", None, None)
+    assert "\n" not in str(e.value)
 
 
 def test_other_tower_family_is_a_clear_error():

@@ -1,6 +1,8 @@
-"""The Qwen2-VL family (issue 16) against transformers' own Qwen2VLForConditionalGeneration and the Qwen2-VL image
-processor of a tiny snapshot saved by save_pretrained (the independent reference): native dynamic resolution, a
-variable number of patches an image, all images of a call one packed sequence."""
+"""The Qwen2-VL family (issue 16) and Qwen2.5-VL (issue 29: the same rows, RMSNorm + SwiGLU blocks attending within
+windows except at fullatt_block_indexes) against transformers' own Qwen2VLForConditionalGeneration /
+Qwen2_5_VLForConditionalGeneration and the Qwen2-VL image processor of a tiny snapshot saved by save_pretrained (the
+independent reference): native dynamic resolution, a variable number of patches an image, all images of a call one
+packed sequence. Every test runs for both generations (the `qwen` fixture's params)."""
 
 import numpy as np
 import pytest
@@ -17,21 +19,32 @@ SIZES = [(64, 64), (100, 300), (300, 100), (257, 129), (500, 380), (9, 5), (40, 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 
 
-def make_qwen2_vl(seed=0, image_token_id=5):
-    """A tiny transformers Qwen2-VL (tiny-qwen2-vl's ViT, a 2-layer LLM), every weight random and away from init."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+# model_type -> (the tiny registry entry, transformers' config and model classes)
+KINDS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
-    bb = get_backbone("tiny-qwen2-vl")
-    cfg = Qwen2VLConfig(
-        vision_config=dict(bb.vision, model_type="qwen2_vl_vision"),
-        text_config=dict(model_type="qwen2_vl_text", hidden_size=bb.llm_hidden_size, intermediate_size=256,
+
+def _classes(kind):
+    import transformers
+
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[kind]
+    return getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForConditionalGeneration")
+
+
+def make_qwen2_vl(seed=0, image_token_id=5, kind="qwen2_vl"):
+    """A tiny transformers Qwen2-VL / Qwen2.5-VL (the tiny entry's ViT, a 2-layer LLM), every weight random and away
+    from init."""
+    config_cls, model_cls = _classes(kind)
+    bb = get_backbone(KINDS[kind])
+    cfg = config_cls(
+        vision_config=dict(bb.vision, model_type=f"{kind}_vision"),
+        text_config=dict(model_type=f"{kind}_text", hidden_size=bb.llm_hidden_size, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
                          max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                         "mrope_section": [4, 6, 6]}),
         image_token_id=image_token_id, video_token_id=image_token_id + 1, vision_start_token_id=image_token_id + 2,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ("norm" in name or "ln_q" in name) and name.endswith("weight"):
@@ -51,10 +64,11 @@ def save_snapshot(model, path, mean=MEAN, std=STD, pixels=(16 * 16, 128 * 128)):
     return path
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    model = make_qwen2_vl()
-    return model, save_snapshot(model, tmp_path_factory.mktemp("qwen2vl"))
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def qwen(request, tmp_path_factory):
+    """(transformers' model, its snapshot, the registry entry), for each generation."""
+    model = make_qwen2_vl(kind=request.param)
+    return model, save_snapshot(model, tmp_path_factory.mktemp(request.param)), KINDS[request.param]
 
 
 def _images(sizes=SIZES, seed=0):
@@ -81,8 +95,8 @@ def test_preprocessing_is_transformers_processor_from_the_snapshot(qwen):
 
     from mixpert_train.preprocess import Preprocessor
 
-    _, snap = qwen
-    bb = backbone_from_snapshot(snap, "tiny-qwen2-vl")
+    _, snap, name = qwen
+    bb = backbone_from_snapshot(snap, name)
     assert bb.image_mean == MEAN and bb.image_std == STD and bb.pixels == (256, 16384)
     pre, proc = Preprocessor(bb), AutoImageProcessor.from_pretrained(snap)
     grids = set()
@@ -102,8 +116,8 @@ def test_golden_versatile_equals_transformers_image_features(qwen, k):
     different sizes in one call == the model's get_image_features, image by image, <= 1e-5 (torch)."""
     from mixpert_train.families import adapter_for
 
-    model, snap = qwen
-    mix = model_from_snapshot(snap, "tiny-qwen2-vl", expert_layers=k)
+    model, snap, name = qwen
+    mix = model_from_snapshot(snap, name, expert_layers=k)
     inputs, want = reference(model, snap, _images())
     rows = adapter_for(mix.cfg.backbone).row_inputs(mix.cfg.backbone, inputs["image_grid_thw"].numpy())
     rows = [torch.from_numpy(rows[n]) for n in ("position_ids", "segment_ids")]
@@ -117,17 +131,23 @@ def test_golden_versatile_equals_transformers_image_features(qwen, k):
 
 def test_refusals(qwen, tmp_path):
     """A Qwen2-VL snapshot with another family's --backbone, and the reverse, are refused in one line."""
-    _, snap = qwen
-    with pytest.raises(MixpertError, match="qwen2_vl.*--backbone tiny-internvl") as e:
+    _, snap, name = qwen
+    kind = next(k for k, v in KINDS.items() if v == name)
+    with pytest.raises(MixpertError, match=f"{kind}.*--backbone tiny-internvl") as e:
         backbone_from_snapshot(snap, "tiny-internvl")
     assert "\n" not in str(e.value)
 
 
 def test_snapshot_of_another_family_is_refused(qwen, tiny_snapshot):
-    _, snap = qwen
-    with pytest.raises(MixpertError, match=r"qwen2_vl snapshot \(qwen2vit tower\), but --backbone tiny takes the siglip") as e:
+    _, snap, name = qwen
+    kind = next(k for k, v in KINDS.items() if v == name)
+    tower = get_backbone(name).family
+    with pytest.raises(MixpertError, match=rf"{kind} snapshot \({tower} tower\), but --backbone tiny takes the siglip") as e:
         backbone_from_snapshot(snap, "tiny")
     assert "\n" not in str(e.value)
+    other = "tiny-qwen2.5-vl" if kind == "qwen2_vl" else "tiny-qwen2-vl"  # the other generation: another tower
+    with pytest.raises(MixpertError, match=rf"{kind} snapshot \({tower} tower\), but --backbone {other}"):
+        backbone_from_snapshot(snap, other)
     with pytest.raises(MixpertError, match=r"llava_onevision snapshot \(siglip tower\), but --backbone qwen2-vl-7b"):
         backbone_from_snapshot(tiny_snapshot, "qwen2-vl-7b")
 
@@ -136,7 +156,7 @@ def test_language_model_shards_are_never_opened(qwen, tmp_path):
     import json
     import shutil
 
-    _, src = qwen
+    _, src, name = qwen
     snap = tmp_path / "s"
     shutil.copytree(src, snap)
     index = json.loads((snap / "model.safetensors.index.json").read_text())
@@ -145,22 +165,27 @@ def test_language_model_shards_are_never_opened(qwen, tmp_path):
     assert lm_only
     for shard in lm_only:
         (snap / shard).write_bytes(b"0123456789")
-    model_from_snapshot(snap, "tiny-qwen2-vl")  # opens only the vision shards
+    model_from_snapshot(snap, name)  # opens only the vision shards
 
 
-def test_real_scale_entry_matches_transformers():
-    """qwen2-vl-7b's ViT and merger as transformers builds them (meta device), and the Table 6 view."""
+@pytest.mark.parametrize("entry", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+def test_real_scale_entry_matches_transformers(entry):
+    """The 7B ViT and merger as transformers builds them (meta device), and the Table 6 view."""
+    import transformers
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     from mixpert_train.model import MixpertConfig, build_model, parameter_report
 
-    bb = get_backbone("qwen2-vl-7b")
+    bb = get_backbone(entry)
     cfg = MixpertConfig.for_backbone(bb)
     assert (bb.hidden_size, bb.tower_layers, bb.layers_in_use, bb.max_crops) == (1280, 32, 32, 5120)
     assert cfg.domains == ("chart", "doc", "general") and cfg.expert_layers == 2
+    tower_cls, config_cls = {"qwen2-vl-7b": (Qwen2VisionTransformerPretrainedModel, transformers.Qwen2VLVisionConfig),
+                             "qwen2.5-vl-7b": (Qwen2_5_VisionTransformerPretrainedModel,
+                                               transformers.models.qwen2_5_vl.Qwen2_5_VLVisionConfig)}[entry]
     with torch.device("meta"):
-        tower = Qwen2VisionTransformerPretrainedModel(
-            __import__("transformers").Qwen2VLVisionConfig(**bb.vision))
+        tower = tower_cls(config_cls(**bb.vision))
     n_tower = sum(p.numel() for p in tower.parameters())  # blocks + patch embedding + merger
     r = parameter_report(cfg)
     assert r["baseline_total"] == n_tower
@@ -175,9 +200,9 @@ def bundle(request, qwen, tmp_path_factory):
     from mixpert_export.bundle.build import build_bundle
     from mixpert_export.bundle.sources import resolve
 
-    _, snap = qwen
+    _, snap, name = qwen
     d = tmp_path_factory.mktemp(f"qbundle_k{request.param}")
-    m, src = resolve(backbone="tiny-qwen2-vl", weights=str(snap), expert_layers=request.param)
+    m, src = resolve(backbone=name, weights=str(snap), expert_layers=request.param)
     manifest = build_bundle(m, d, runtime="onnxruntime", source=src, with_baseline=False, progress=False,
                             validate=request.param == 2)
     return request.param, d, manifest
@@ -214,7 +239,7 @@ def test_bundle_everything_versatile_equals_transformers(qwen, bundle, runtime, 
     get_image_features, image by image."""
     from mixpert_export.runtime.pipeline import MixpertPipeline
 
-    model, snap = qwen
+    model, snap, name = qwen
     k, path, _ = bundle
     pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.0)
     assert pipe.cfg.expert_layers == k and pipe.cfg.domains == ("chart", "doc", "general")
@@ -252,8 +277,8 @@ def test_mixed_call_each_image_gets_its_own_experts_tokens(qwen, tmp_path_factor
     from mixpert_export.runtime.pipeline import MixpertPipeline
     from mixpert_train.preprocess import Preprocessor
 
-    model, snap = qwen
-    mix = model_from_snapshot(snap, "tiny-qwen2-vl", expert_layers=2)
+    model, snap, name = qwen
+    mix = model_from_snapshot(snap, name, expert_layers=2)
     with torch.no_grad():
         for i, d in enumerate(mix.cfg.domains):
             for p in mix.experts[d].parameters():
@@ -326,7 +351,7 @@ def test_serve_and_triton_repository(qwen, bundle, tmp_path):
     from mixpert_export.serving.client import MixpertClient
     from mixpert_export.serving.triton_repo import read_config, write_repository
 
-    model, snap = qwen
+    model, snap, name = qwen
     _, path, _ = bundle
     repo = write_repository(path, tmp_path / "repo", platform="python", kind="cpu")
     top = read_config(repo / "mixpert" / "config.pbtxt")
@@ -385,7 +410,7 @@ def test_ask_equals_transformers_generate(qwen, bundle, tmp_path):
     from mixpert_export.runtime.pipeline import MixpertPipeline
     from mixpert_export.serving.ask import LanguageModel, ask
 
-    base, snap = qwen
+    base, snap, name = qwen
     _, path, _ = bundle
     model = copy.deepcopy(base)  # the same vision side as the bundle's; an LLM that reacts to its input
     with torch.no_grad():
@@ -420,7 +445,8 @@ def test_ask_equals_transformers_generate(qwen, bundle, tmp_path):
     assert len(set(answers)) >= 2  # the image changes the answer: the test would see an ignored vision side
 
 
-def test_training_stages_on_a_tiny_qwen2_vl(tmp_path):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_training_stages_on_a_tiny_qwen2_vl(tmp_path, kind):
     """joint SFT of a tiny Qwen2-VL (whole images of their own sizes, patches and grids) -> disentangled experts
     (trunk and LM frozen) -> router over the image's patches -> eval on the family's domain set; routed to versatile
     everywhere the split answers exactly as transformers' joint model."""
@@ -435,10 +461,11 @@ def test_training_stages_on_a_tiny_qwen2_vl(tmp_path):
 
     data = tmp_path / "data"
     generate(data, n_per_domain=10, seed=3, progress=False, domains=("chart", "doc", "general"))
-    joint = run_joint(data, tmp_path / "joint", JointConfig("tiny-qwen2-vl", epochs=1, batch=8), progress=False)
-    assert json.loads((joint / "config.json").read_text())["model_type"] == "qwen2_vl"
-    assert backbone_from_snapshot(joint).family == "qwen2vit"
-    base = model_from_snapshot(joint, "tiny-qwen2-vl")
+    name = KINDS[kind]
+    joint = run_joint(data, tmp_path / "joint", JointConfig(name, epochs=1, batch=8), progress=False)
+    assert json.loads((joint / "config.json").read_text())["model_type"] == kind
+    assert backbone_from_snapshot(joint).family == get_backbone(name).family
+    base = model_from_snapshot(joint, name)
     experts = run_experts(data, joint, tmp_path / "experts",
                           ExpertConfig(epochs=1, batch=8, micro_batch=4, lr_projector=1e-3, lr_vision=1e-3, select_on_val=False),
                           progress=False)
@@ -469,8 +496,8 @@ def test_training_scores_use_the_models_own_mrope_positions(qwen):
     from mixpert_train.mllm import Item, answer_scores, reference_crop_tokens
     from mixpert_train.preprocess import Preprocessor
 
-    model, snap = qwen
-    bb = backbone_from_snapshot(snap, "tiny-qwen2-vl")
+    model, snap, name = qwen
+    bb = backbone_from_snapshot(snap, name)
     pre = Preprocessor(bb)
     items = []
     for i, im in enumerate(_images()[1:4]):
@@ -532,3 +559,32 @@ def test_static_bucketed_path_over_patches_equals_dynamic_on_cpu(qwen, bundle):
                 np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-5, rtol=0)
         one = s([images[1]])[0]  # a 4-patch image alone: the 16 bucket, 12 padded rows
         np.testing.assert_allclose(one.tokens, plain([images[1]])[0].tokens, atol=1e-5, rtol=0)
+
+
+def test_window_masks_are_transformers_windows():
+    """Qwen2.5-VL's windowed blocks attend within the windows transformers' own get_vision_window_index makes
+    (patches reordered by window, cu_window_seqlens cutting them): for several grids in one call (sides not
+    multiples of the window, one merge unit wide, several windows), the same-window mask computed in the graph from
+    positions and image ids equals the one read off transformers' window index, pair by pair."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from mixpert_train.families import adapter_for
+    from mixpert_train.families.qwen2_vl import attention_masks
+
+    bb = get_backbone("qwen2.5-vl-7b")
+    ad = adapter_for(bb)
+    grids = [(1, 16, 24), (1, 2, 2), (1, 34, 10), (1, 8, 8), (1, 2, 40)]
+    rows = ad.row_inputs(bb, grids)
+    v = bb.vision
+    _, window = attention_masks(torch.from_numpy(rows["position_ids"]), torch.from_numpy(rows["segment_ids"]),
+                                (v["spatial_merge_size"], ad.window_units(v)))
+    index, cu = get_vision_window_index(torch.tensor(grids), v["spatial_merge_size"], v["window_size"], v["patch_size"])
+    unit = v["spatial_merge_size"] ** 2
+    order = (index[:, None] * unit + torch.arange(unit)).reshape(-1)  # patch order inside transformers' blocks
+    win_of_slot = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+    win = torch.empty_like(win_of_slot)
+    win[order] = win_of_slot  # each patch (processor order): its window
+    want = win[:, None] == win[None, :]
+    assert window.shape == want.shape and torch.equal(window, want)
+    seg = torch.from_numpy(rows["segment_ids"])
+    assert len(cu) - 1 > 2 * len(grids) and not torch.equal(window, seg[:, None] == seg[None, :])

@@ -201,7 +201,7 @@ class InternVitAdapter(Adapter):
     def embeddings(self, bb: Backbone) -> nn.Module:
         return _Embeddings(self.config(bb))
 
-    def layer(self, bb: Backbone) -> nn.Module:
+    def layer(self, bb: Backbone, index: int) -> nn.Module:
         return InternVLVisionLayer(self.config(bb))
 
     def projector(self, bb: Backbone) -> nn.Module:

@@ -137,7 +137,7 @@ class SiglipAdapter(Adapter):
     def embeddings(self, bb: Backbone) -> nn.Module:
         return SiglipVisionEmbeddings(self.config(bb))
 
-    def layer(self, bb: Backbone) -> nn.Module:
+    def layer(self, bb: Backbone, index: int) -> nn.Module:
         return _SiglipLayer(self.config(bb))
 
     def pack(self, bb: Backbone, tokens, image_size: tuple[int, int], newline):

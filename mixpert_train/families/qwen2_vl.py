@@ -34,27 +34,34 @@ _VISION_KEYS = ("depth", "embed_dim", "hidden_size", "hidden_act", "mlp_ratio", 
                 "patch_size", "temporal_patch_size", "spatial_merge_size")
 
 
-def backbone_from_qwen2_vl_config(config: dict, name: str, base: Backbone | None = None, source: str = "config.json",
-                                  processor: dict | None = None,
-                                  processor_source: str = "preprocessor_config.json") -> Backbone:
-    """The architecture a Qwen2-VL config.json describes; `base` adds k and the domain set; `processor`: the
-    snapshot's Qwen2-VL image-processor config, then the source of truth for resizing and normalisation."""
-    if config.get("model_type") != "qwen2_vl" or "vision_config" not in config:
-        raise MixpertError(f"{source}: not a Qwen2-VL config (model_type={config.get('model_type')!r}); "
-                           "pass --weights a qwen2_vl snapshot directory")
+def backbone_from_qwen_config(ad: "Qwen2VitAdapter", config: dict, name: str, base: Backbone | None = None,
+                              source: str = "config.json", processor: dict | None = None,
+                              processor_source: str = "preprocessor_config.json") -> Backbone:
+    """The architecture a config.json of one of the Qwen-VL generations `ad` reads describes (its vision config
+    class, keys and merger width); `base` adds k and the domain set; `processor`: the snapshot's Qwen2-VL
+    image-processor config, then the source of truth for resizing and normalisation."""
+    kind = ad.config_types[0]
+    if config.get("model_type") != kind or "vision_config" not in config:
+        raise MixpertError(f"{source}: not a {kind} config (model_type={config.get('model_type')!r}); "
+                           f"pass --weights a {kind} snapshot directory")
     vision_in = dict(config["vision_config"])
-    full = Qwen2VLVisionConfig(**{k: vision_in[k] for k in _VISION_KEYS if k in vision_in})
-    vision = {k: getattr(full, k) for k in _VISION_KEYS}
+    for old, new in (("in_chans", "in_channels"),):  # the names published Qwen2.5-VL snapshots still carry
+        if old in vision_in and new not in vision_in:
+            vision_in[new] = vision_in.pop(old)
+    full = ad.vision_config_class()(**{k: vision_in[k] for k in ad.vision_keys if k in vision_in})
+    vision = {k: getattr(full, k) for k in ad.vision_keys}
     for k in ("patch_size", "temporal_patch_size"):
         v = vision[k]
         if isinstance(v, (list, tuple)):
             if len(set(v)) != 1:
                 raise MixpertError(f"{source}: non-square {k} {v} is not supported")
             vision[k] = int(v[0])
+    vision = ad.normalise_vision(vision, source)
+    out = int(vision[ad.out_key])
     text = config.get("text_config") or {}
-    llm = int(text.get("hidden_size", config.get("hidden_size", vision["hidden_size"])))
-    if llm != int(vision["hidden_size"]):
-        raise MixpertError(f"{source}: the merger's output width vision_config.hidden_size {vision['hidden_size']} "
+    llm = int(text.get("hidden_size", config.get("hidden_size", out)))
+    if llm != out:
+        raise MixpertError(f"{source}: the merger's output width vision_config.{ad.out_key} {out} "
                            f"differs from the language model's {llm}; the snapshot is inconsistent")
     norm = {}
     if processor is not None:
@@ -71,7 +78,7 @@ def backbone_from_qwen2_vl_config(config: dict, name: str, base: Backbone | None
             norm["pixels"] = (int(lo), int(hi))
     defaults = {f.name: f.default for f in dataclasses.fields(Backbone) if f.default is not dataclasses.MISSING}
     return Backbone(
-        name=name, family="qwen2vit", vision=vision, llm_hidden_size=llm, feature_layer=-1, select_strategy="full",
+        name=name, family=ad.family, vision=vision, llm_hidden_size=llm, feature_layer=-1, select_strategy="full",
         projector_act="gelu", grid_pinpoints=(), max_grid_crops=1,
         expert_layers=base.expert_layers if base else defaults["expert_layers"],
         domains=base.domains if base else ("chart", "doc", "general"), processor=processor,
@@ -86,15 +93,17 @@ CLIP = {"image_mean": (0.48145466, 0.4578275, 0.40821073), "image_std": (0.26862
 
 class RowContext(nn.Module):
     """(position_ids [P, 2], segment_ids [P]) -> what every block takes: rotary (cos, sin) [P, head_dim] as
-    transformers' Qwen2VLVisionRotaryEmbedding computes them, and the attention mask [P, P] (True: same image).
+    transformers' vision rotary embedding computes them, and the attention mask [P, P] (True: same image).
+    `window` (Qwen2.5-VL: merge size, merge units a window side): a second mask, True within the same window of
+    the same image, which windowed blocks take instead (see attention_masks).
     No parameters or buffers: the inverse frequencies are recomputed as transformers does (a graph constant)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig):
+    def __init__(self, cfg, rotary=Qwen2VLVisionRotaryEmbedding, window: tuple[int, int] | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rotary, self.window = cfg, rotary, window
 
     def forward(self, position_ids, segment_ids):
-        inv_freq, scaling = Qwen2VLVisionRotaryEmbedding.compute_axial_rope_parameters(self.cfg)
+        inv_freq, scaling = self.rotary.compute_axial_rope_parameters(self.cfg)
         freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
         cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
 
@@ -102,24 +111,42 @@ class RowContext(nn.Module):
             hw = torch.cat([f[:, 0], f[:, 1]], dim=-1)
             return torch.cat([hw, hw], dim=-1)
 
-        mask = segment_ids[:, None] == segment_ids[None, :]
-        return recompose(cos), recompose(sin), mask
+        return (recompose(cos), recompose(sin)) + attention_masks(position_ids, segment_ids, self.window)
+
+
+def attention_masks(position_ids, segment_ids, window: tuple[int, int] | None = None) -> tuple:
+    """The block-diagonal attention masks [P, P] of a call: same image; with `window` (merge, units) also same
+    window: transformers' get_vision_window_index tiles each image's grid of merge units into windows of units x
+    units from the top-left (the last row and column of windows cut short), so a patch at (h, w) is in window
+    (h // merge // units, w // merge // units) of its image. Masking in place of transformers' reordering of the
+    patches by window (and its restoring after the merger) gives the same attention for every patch: a patch
+    attends to the same set, and the merger takes the same merge units."""
+    same = segment_ids[:, None] == segment_ids[None, :]
+    if window is None:
+        return (same,)
+    merge, units = window
+    w = torch.div(position_ids, merge * units, rounding_mode="floor")  # (h // m) // u == h // (m u)
+    return same, same & (w[:, None, 0] == w[None, :, 0]) & (w[:, None, 1] == w[None, :, 1])
+
+
+def attend(attn, x, cos, sin, mask):
+    """transformers' Qwen-VL vision attention (its qkv and proj) over the whole call with a mask in place of its
+    per-sequence split over cu_seqlens (which needs the lengths as Python ints and cannot export with a dynamic
+    patch axis): the same arithmetic per image (or window)."""
+    n = x.shape[0]
+    q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    return attn.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
 
 
 class _Block(Qwen2VLVisionBlock):
     """transformers' Qwen2VLVisionBlock (same tensor names) called as block(hidden, cos, sin, mask): attention
-    over the whole call with the block-diagonal mask in place of its per-image split over cu_seqlens (which needs
-    the lengths as Python ints and cannot export with a dynamic patch axis). Same arithmetic per image."""
+    over the whole call with the block-diagonal mask (attend). Same arithmetic per image."""
 
     def forward(self, hidden, cos, sin, mask):
-        attn = self.attn
-        x = self.norm1(hidden)
-        n = x.shape[0]
-        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        hidden = hidden + attn.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
+        hidden = hidden + attend(self.attn, self.norm1(hidden), cos, sin, mask)
         return hidden + self.mlp(self.norm2(hidden))
 
 
@@ -138,13 +165,28 @@ class Qwen2VitAdapter(Adapter):
     layer_prefix: str = "blocks."
     config_types: tuple = ("qwen2_vl",)
     processor_types: tuple = ("Qwen2VLImageProcessor",)
+    # what differs between the Qwen-VL generations this class and its subclasses read (qwen2_5_vl.py)
+    vision_keys: tuple = _VISION_KEYS  # the vision config's fields a Backbone keeps
+    out_key: str = "hidden_size"  # the vision config's field that is the merger's output width (the LLM's)
+
+    def vision_config_class(self):
+        return Qwen2VLVisionConfig
+
+    def normalise_vision(self, vision: dict, source: str) -> dict:
+        return vision
+
+    def mllm_classes(self):
+        """transformers' (config class, MLLM class, text model_type, vision model_type) of this generation."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, "qwen2_vl_text", "qwen2_vl_vision"
 
     def backbone_from_config(self, config, name, base, source, processor, processor_source):
-        return backbone_from_qwen2_vl_config(config, name, base, source, processor,
-                                             processor_source or "preprocessor_config.json")
+        return backbone_from_qwen_config(self, config, name, base, source, processor,
+                                         processor_source or "preprocessor_config.json")
 
-    def config(self, bb: Backbone) -> Qwen2VLVisionConfig:
-        cfg = Qwen2VLVisionConfig(**bb.vision)
+    def config(self, bb: Backbone):
+        cfg = self.vision_config_class()(**bb.vision)
         cfg._attn_implementation = "sdpa"
         return cfg
 
@@ -152,7 +194,7 @@ class Qwen2VitAdapter(Adapter):
         v = bb.vision
         return _PatchEmbed(v["patch_size"], v["temporal_patch_size"], v["in_channels"], v["embed_dim"])
 
-    def layer(self, bb: Backbone) -> nn.Module:
+    def layer(self, bb: Backbone, index: int) -> nn.Module:
         return _Block(self.config(bb))
 
     def context(self, bb: Backbone) -> nn.Module:
@@ -258,10 +300,9 @@ class Qwen2VitAdapter(Adapter):
         """Qwen2-VL's LLM places text and image tokens with M-RoPE (3D positions from the image's grid), which only
         the MLLM class computes: the language side is Qwen2VLForConditionalGeneration itself with its ViT left out
         (the engines give the image embeddings)."""
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+        config_cls, model_cls, _, _ = self.mllm_classes()
         with torch.device("meta"):
-            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(config))
+            model = model_cls(config_cls.from_dict(config))
         model.model.visual = None  # never called: no pixel_values reach this model
         # snapshot layouts: model.language_model.* (the module's own names), model.* (published, and what
         # save_pretrained writes back); the ViT's keys map to no tensor of the LLM and are never read
@@ -276,13 +317,12 @@ class Qwen2VitAdapter(Adapter):
 
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
         """A tiny Qwen2-VL: the backbone's ViT + merger and a 2-layer language model with M-RoPE."""
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+        config_cls, model_cls, text_type, vision_type = self.mllm_classes()
         heads = 4
         half = bb.llm_hidden_size // heads // 2  # M-RoPE sections (t, h, w) split half the head dim
-        cfg = Qwen2VLConfig(
-            vision_config=dict(bb.vision, model_type="qwen2_vl_vision"),
-            text_config=dict(model_type="qwen2_vl_text", hidden_size=bb.llm_hidden_size,
+        cfg = config_cls(
+            vision_config=dict(bb.vision, model_type=vision_type),
+            text_config=dict(model_type=text_type, hidden_size=bb.llm_hidden_size,
                              intermediate_size=2 * bb.llm_hidden_size, num_hidden_layers=2, num_attention_heads=heads,
                              num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
                              tie_word_embeddings=False,
@@ -290,7 +330,7 @@ class Qwen2VitAdapter(Adapter):
                                               "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
             image_token_id=image_token_id, video_token_id=image_token_id, vision_start_token_id=image_token_id,
         )
-        return Qwen2VLForConditionalGeneration(cfg)
+        return model_cls(cfg)
 
     def mllm_crop_tokens(self, mllm, crops, grids=None):
         if grids is None:
