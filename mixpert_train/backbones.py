@@ -164,7 +164,23 @@ REGISTRY: dict[str, Backbone] = {
         select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
         image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
     ),
-    # The same code path at a few MB: 8x8 patches of 64 px tiles, 64 patch tokens -> 16 after pixel shuffle.
+    # InternVL3-8B and InternVL3.5-8B: the same vision side as InternVL2-8B by their configs (InternViT-300M-448px-V2.5:
+    # 24 layers, width 1024, q/k/v bias, LayerNorm, no q/k norm, layer scale; select_layer -1, pixel shuffle 0.5 (ps v2),
+    # gelu LayerNorm-MLP projector; GotOcr2 448 px tiles, 1..12, ImageNet mean/std); what differs is the LLM the
+    # projector feeds: Qwen2.5-7B (3584) for InternVL3, Qwen3-8B (4096) for InternVL3.5. Experts as for InternVL2.
+    "internvl3-8b": Backbone(
+        name="internvl3-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=3584,
+        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
+        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
+    ),
+    "internvl3.5-8b": Backbone(
+        name="internvl3.5-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=4096,
+        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
+        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
+    ),
+    # The same code path at a few MB: 8x8 patches of 64 px tiles, 64 patch tokens -> 16 after pixel shuffle. It stands
+    # for InternVL2, 3 and 3.5 alike (their vision sides differ only in width); tests run its snapshot with each
+    # generation's LLM (Qwen2 for InternVL3, Qwen3 for InternVL3.5).
     "tiny-internvl": Backbone(
         name="tiny-internvl", family="internvit",
         vision=dict(

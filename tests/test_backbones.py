@@ -32,7 +32,7 @@ def test_entries_round_trip():
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(MixpertError, match="internvl2-8b, llava-ov-7b, qwen2-vl-7b, qwen2.5-vl-7b, tiny"):
+    with pytest.raises(MixpertError, match="internvl2-8b, internvl3-8b, internvl3.5-8b, llava-ov-7b, qwen2-vl-7b, qwen2.5-vl-7b, tiny"):
         get_backbone("qwen9-vl")
 
 
@@ -80,3 +80,59 @@ def test_other_tower_family_is_a_clear_error():
     cfg = dict(LLAVA_OV_7B, vision_config={"model_type": "intern_vit_6b"})
     with pytest.raises(MixpertError, match="no adapter"):
         backbone_from_llava_config(cfg, name="x")
+
+
+# InternVL3-8B and InternVL3.5-8B (the fields that matter) in the two layouts a user may hold: the -hf config.json
+# as transformers' convert_internvl_weights_to_hf.py writes it from the original (InternVLVisionConfig names; no
+# vision_feature_layer / select strategy keys: transformers' defaults -1 / "default"; InternVL3's -hf configs still
+# say image_token_index), and the original remote-code config.json (internvl_chat). Written from the published
+# configs' values (no hub here to re-read them): InternViT-300M-448px-V2.5 for both, Qwen2.5-7B / Qwen3-8B.
+_VIT_V25_HF = {"model_type": "internvl_vision", "attention_bias": True, "hidden_act": "gelu", "hidden_size": 1024,
+               "image_size": [448, 448], "intermediate_size": 4096, "layer_norm_eps": 1e-06,
+               "layer_scale_init_value": 0.1, "norm_type": "layer_norm", "num_attention_heads": 16,
+               "num_hidden_layers": 24, "patch_size": [14, 14], "use_qk_norm": False,
+               "use_absolute_position_embeddings": True}
+_VIT_V25_ORIGINAL = {"model_type": "intern_vit_6b", "architectures": ["InternVisionModel"], "hidden_act": "gelu",
+                     "hidden_size": 1024, "image_size": 448, "intermediate_size": 4096, "layer_norm_eps": 1e-06,
+                     "norm_type": "layer_norm", "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14,
+                     "qkv_bias": True, "qk_normalization": False, "initializer_factor": 0.1, "drop_path_rate": 0.0}
+INTERNVL3 = {
+    "internvl3-8b": ({"model_type": "internvl", "downsample_ratio": 0.5, "image_seq_length": 256,
+                      "image_token_index": 151667, "projector_hidden_act": "gelu",
+                      "text_config": {"model_type": "qwen2", "hidden_size": 3584}, "vision_config": _VIT_V25_HF},
+                     {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584}),
+    "internvl3.5-8b": ({"model_type": "internvl", "downsample_ratio": 0.5, "image_seq_length": 256,
+                        "image_token_id": 151671, "projector_hidden_act": "gelu",
+                        "text_config": {"model_type": "qwen3", "hidden_size": 4096, "head_dim": 128},
+                        "vision_config": _VIT_V25_HF},
+                       {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 4096}),
+}
+# preprocessor_config.json of the -hf snapshots (GotOcr2, as the conversion's write_image_processor saves it)
+INTERNVL3_PROCESSOR = {"image_processor_type": "GotOcr2ImageProcessorFast", "do_resize": True,
+                       "size": {"height": 448, "width": 448}, "crop_to_patches": False, "min_patches": 1,
+                       "max_patches": 12, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                       "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
+                       "do_convert_rgb": True}
+
+
+@pytest.mark.parametrize("entry", sorted(INTERNVL3))
+def test_internvl3_entries_are_what_their_configs_say(entry):
+    """Both layouts of InternVL3-8B / InternVL3.5-8B give the registry entry (the -hf one with its own
+    preprocessor_config.json), and the entry's vision side is InternVL2-8B's but for the projector's width."""
+    from mixpert_train.families import adapter_for_config
+
+    bb = get_backbone(entry)
+    hf, llm = INTERNVL3[entry]
+    original = {"model_type": "internvl_chat", "downsample_ratio": 0.5, "dynamic_image_size": True,
+                "force_image_size": 448, "max_dynamic_patch": 12, "min_dynamic_patch": 1, "ps_version": "v2",
+                "select_layer": -1, "template": "internvl2_5", "use_thumbnail": True, "llm_config": llm,
+                "vision_config": _VIT_V25_ORIGINAL}
+    for config, processor in ((hf, INTERNVL3_PROCESSOR), (hf, None), (original, None)):
+        ad = adapter_for_config(config, "config.json")
+        got = ad.backbone_from_config(config, entry, bb, "config.json", processor, "preprocessor_config.json")
+        assert got.replace(processor=None).to_dict() == bb.to_dict(), (config["model_type"], processor is not None)
+        if processor is not None or config is original:  # the snapshot's tiling: InternVLProcessor's call tiles
+            assert got.processor["crop_to_patches"] and got.processor["max_patches"] == 12
+    v2 = get_backbone("internvl2-8b")
+    assert bb.vision == v2.vision and bb.llm_hidden_size == int(llm["hidden_size"])
+    assert bb.replace(name=v2.name, llm_hidden_size=v2.llm_hidden_size) == v2

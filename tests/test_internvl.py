@@ -1,5 +1,7 @@
-"""The InternVL family (issue 15) against transformers' own InternVLForConditionalGeneration and the
-GotOcr2 image processor of a tiny snapshot saved by save_pretrained (the independent reference)."""
+"""The InternVL family (issue 15; InternVL3 and InternVL3.5, issue 29) against transformers' own
+InternVLForConditionalGeneration and the GotOcr2 image processor of a tiny snapshot saved by save_pretrained (the
+independent reference). The snapshot tests run once per LLM generation (the `internvl` fixture's params): Qwen2
+(InternVL3's Qwen2.5) and Qwen3 (InternVL3.5), the one thing the 8B configs of the two differ in besides width."""
 
 import json
 
@@ -16,17 +18,21 @@ from mixpert_train.weights import backbone_from_snapshot, model_from_snapshot
 SIZES = [(64, 64), (100, 300), (300, 100), (257, 129), (500, 380), (33, 47)]  # (w, h): 1 to 7 tiles
 
 
-def make_internvl(seed=0, max_patches=6, image_token_id=7, **overrides):
-    """A tiny transformers InternVL (tiny-internvl's tower, a 2-layer Qwen2), every weight random (transformers
-    zeroes the class token and position embeddings at init: a test on those would not see them)."""
+LLMS = {"qwen2": {}, "qwen3": {"head_dim": 32}}  # InternVL3 (Qwen2.5), InternVL3.5 (Qwen3: its own head_dim key)
+
+
+def make_internvl(seed=0, max_patches=6, image_token_id=7, llm="qwen2", **overrides):
+    """A tiny transformers InternVL (tiny-internvl's tower, a 2-layer Qwen2 or Qwen3), every weight random
+    (transformers zeroes the class token and position embeddings at init: a test on those would not see them)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     bb = get_backbone("tiny-internvl")
     vision = dict(bb.vision, model_type="internvl_vision")
     cfg = InternVLConfig(
         vision_config=vision,
-        text_config=dict(model_type="qwen2", hidden_size=bb.llm_hidden_size, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096),
+        text_config=dict(model_type=llm, hidden_size=bb.llm_hidden_size, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096,
+                         **LLMS[llm]),
         image_token_id=image_token_id, downsample_ratio=0.5, **overrides,
     )
     torch.manual_seed(seed)
@@ -50,11 +56,12 @@ def save_snapshot(model, path, max_patches=6, mean=(0.485, 0.456, 0.406), std=(0
     return path
 
 
-@pytest.fixture(scope="module")
-def internvl(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(LLMS))
+def internvl(request, tmp_path_factory):
     """The tiny InternVL snapshot: weights, image processor, and (for `ask`) a tokenizer with InternVL's image
     tokens and a chat template; its LLM's weights scaled so that its answers react to the image."""
-    model = make_internvl(image_token_id=5)
+    model = make_internvl(image_token_id=5, llm=request.param)
+    assert model.config.text_config.model_type == request.param
     with torch.no_grad():
         for p in model.model.language_model.parameters():
             p.mul_(4.0) if p.dim() > 1 else None
@@ -159,20 +166,21 @@ def test_language_model_shards_are_never_opened(internvl, tmp_path):
     model_from_snapshot(snap, "tiny-internvl")  # opens only the vision shards
 
 
-def test_real_scale_entry_matches_transformers_config():
-    """internvl2-8b's tower, as transformers' InternVLVisionConfig builds it, and the parameter view (Table 6)."""
+@pytest.mark.parametrize("entry, llm", [("internvl2-8b", 4096), ("internvl3-8b", 3584), ("internvl3.5-8b", 4096)])
+def test_real_scale_entry_matches_transformers_config(entry, llm):
+    """The 8B towers, as transformers' InternVLVisionConfig builds them, and the parameter view (Table 6)."""
     from transformers.models.internvl.modeling_internvl import InternVLVisionModel
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
     from mixpert_train.model import MixpertConfig, parameter_report
 
-    bb = get_backbone("internvl2-8b")
+    bb = get_backbone(entry)
     assert (bb.hidden_tokens, bb.tokens_per_crop, bb.projector_in, bb.max_crops) == (1025, 256, 4096, 13)
     with torch.device("meta"):
         tower = InternVLVisionModel(InternVLVisionConfig(**bb.vision))
     n_tower = sum(p.numel() for p in tower.parameters())
     r = parameter_report(MixpertConfig.for_backbone(bb))
-    projector = 4096 * 2 + 4096 * 4096 + 4096 + 4096 * 4096 + 4096  # LayerNorm + two Linear layers
+    projector = 4096 * 2 + 4096 * llm + llm + llm * llm + llm  # LayerNorm + two Linear layers
     assert r["baseline_total"] == n_tower + projector
     assert r["added_experts"] == 3 * r["expert"] and r["added_activated"] == r["router"]
 
