@@ -96,7 +96,10 @@ def cmd_run(args) -> int:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, **{str(r.index): r.embeddings if args.packed else r.tokens for r in results if r.ok})
+        arrays = {str(r.index): r.embeddings if args.packed else r.tokens for r in results if r.ok}
+        # Qwen3-VL: each image's DeepStack features [taps, L, D_llm] beside its tokens, as "<index>_deepstack"
+        arrays |= {f"{r.index}_deepstack": r.deepstack for r in results if r.ok and r.deepstack is not None}
+        np.savez(buf, **arrays)
         _atomic_write(Path(args.save_features), buf.getvalue())
     return 0 if all(r.ok for r in results) else 1
 
@@ -259,7 +262,8 @@ def main(argv=None) -> int:
     r.add_argument("--per-crop", action="store_true", help="route every crop on its own (paper Table 8)")
     r.add_argument("--json", help="one record per input: path, expert, scores, margin, crops, or its error")
     r.add_argument("--save-features", help=".npz with one [n_crops, T, D_llm] array per processed image, keyed by position "
-                                           "([L, D_llm] packed embeddings with --packed)")
+                                           "([L, D_llm] packed embeddings with --packed); Qwen3-VL adds each image's "
+                                           "DeepStack features [taps, L, D_llm] as <position>_deepstack")
     r.add_argument("--packed", action="store_true", help="the embeddings the MLLM splices in for each image "
                                                          "(LLaVA-OV: anyres packing with the snapshot's image_newline)")
     r.set_defaults(func=cmd_run)

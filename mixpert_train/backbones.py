@@ -137,6 +137,11 @@ _QWEN2_VIT = dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_
 _QWEN25_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, hidden_act="silu", num_heads=16, in_channels=3,
                    patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
                    fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584)
+# transformers' Qwen3VLVisionConfig names for Qwen3-VL-8B's ViT: 27 blocks of width 1152 (SigLIP-2 so400m shapes),
+# 16 px patches, a 48 x 48 learned position table, DeepStack mergers after blocks 8, 16, 24, merger into Qwen3-8B's 4096.
+_QWEN3_VIT = dict(depth=27, hidden_size=1152, intermediate_size=4304, hidden_act="gelu_pytorch_tanh", num_heads=16,
+                  in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096,
+                  num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
 _TABLE8_DOMAINS = ("chart", "doc", "general")
 
 REGISTRY: dict[str, Backbone] = {
@@ -222,6 +227,22 @@ REGISTRY: dict[str, Backbone] = {
                     fullatt_block_indexes=[1, 5], out_hidden_size=128),
         llm_hidden_size=128, max_grid_crops=1, image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS,
         pixels=(16 * 16, 128 * 128),
+    ),
+    # Qwen3-VL-8B: Qwen2-VL's rows (32 px merge windows here), the processor's bounds of 256 to 65536 patches and mean /
+    # std 0.5; DeepStack's three mergers are the trunk's at k = 2 (their blocks are shared: families/qwen3_vl.py).
+    "qwen3-vl-8b": Backbone(
+        name="qwen3-vl-8b", family="qwen3vit", vision=_QWEN3_VIT, llm_hidden_size=4096, max_grid_crops=1,
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), domains=_TABLE8_DOMAINS, pixels=(65536, 16777216),
+    ),
+    # The same code path at a few MB: 8 px patches, an 8 x 8 position table, taps after blocks 1, 3, 4 of 6, so at
+    # k = 2 the trunk runs two DeepStack mergers and each expert one.
+    "tiny-qwen3-vl": Backbone(
+        name="tiny-qwen3-vl", family="qwen3vit",
+        vision=dict(depth=6, hidden_size=96, intermediate_size=192, hidden_act="gelu_pytorch_tanh", num_heads=4,
+                    in_channels=3, patch_size=8, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128,
+                    num_position_embeddings=64, deepstack_visual_indexes=[1, 3, 4]),
+        llm_hidden_size=128, max_grid_crops=1, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+        domains=_TABLE8_DOMAINS, pixels=(16 * 16, 128 * 128),
     ),
 }
 
@@ -322,6 +343,20 @@ class Adapter:
     def embeddings(self, bb: Backbone) -> nn.Module:
         raise NotImplementedError
 
+    def taps(self, bb: Backbone) -> tuple:
+        """Tower layers whose output also leaves the tower through a merger of its own (Qwen3-VL's DeepStack), in
+        order; model.py puts each merger in the part that computes its layer. () for most families."""
+        return ()
+
+    def tap_projector(self, bb: Backbone) -> nn.Module:
+        """The merger of one tap: [P, D] -> [P / merge, D_llm]."""
+        raise NotImplementedError
+
+    def tower_target(self, rest: str, cfg) -> str | None:
+        """Where a tower tensor that is neither the embeddings' nor a layer's goes in MixpertVision (`rest`: its
+        name below the tower prefix), or None: unused (a deleted layer's, a pooling head's)."""
+        return None
+
     def context(self, bb: Backbone) -> nn.Module | None:
         """A parameter-free module: the per-row inputs (io()["rows"]) -> the extra arguments every layer takes
         (Qwen2-VL: rotary cos/sin and the attention mask). None: layers take the hidden states alone."""
@@ -356,9 +391,11 @@ class Adapter:
         config's AutoModelForCausalLM does (LLaVA-OV, InternVL)."""
         return None
 
-    def generate_inputs(self, input_ids, grid, image_token_id: int) -> dict:
+    def generate_inputs(self, input_ids, grid, image_token_id: int, features=None) -> dict:
         """Extra keyword arguments the language model's generate() needs for one image's prompt besides
-        inputs_embeds (Qwen2-VL: the ids, grid and token types its M-RoPE positions come from); {} for most."""
+        inputs_embeds (Qwen2-VL: the ids, grid and token types its M-RoPE positions come from); {} for most.
+        `features`: (the image's embeddings, its DeepStack features) for families whose LLM takes the vision
+        side's output itself (Qwen3-VL: then the result holds mm_encoder_outputs and no inputs_embeds are given)."""
         return {}
 
     def image_prompt(self, config: dict, tokenizer) -> tuple[str, int, list, list]:

@@ -122,46 +122,76 @@ class PixelInput(nn.Module):
         return self.adapter.unpack_pixels(self.backbone, values)
 
 
+def _taps(cfg: MixpertConfig, layers: range) -> list[int]:
+    """The DeepStack taps (Adapter.taps) among `layers`: a tap's merger belongs to the part that runs its layer."""
+    return [t for t in adapter_for(cfg.backbone).taps(cfg.backbone) if t in layers]
+
+
 class Trunk(nn.Module):
     """pixel_values [N_crops, 3, H, W] -> hidden [N_crops, T, D]: patch embedding + the first L-k layers.
     Patch families (Qwen2-VL): pixel_values [P, C*t*p*p] and the per-row inputs (position_ids, segment_ids) ->
-    hidden [P, D]; the family's context turns the row inputs into what each layer takes."""
+    hidden [P, D]; the family's context turns the row inputs into what each layer takes, and its embeddings may
+    read them too (Qwen3-VL's position table). DeepStack taps among the trunk's layers: `features` also gives
+    their mergers' outputs (`deepstack`)."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
         ad = adapter_for(cfg.backbone)
         self.embeddings = ad.embeddings(cfg.backbone)
         self.context = ad.context(cfg.backbone)
+        self.indices = list(cfg.trunk_layers)
         self.layers = nn.ModuleList(ad.layer(cfg.backbone, i) for i in cfg.trunk_layers)
+        self.taps = _taps(cfg, cfg.trunk_layers)
+        if self.taps:
+            self.deepstack = nn.ModuleList(ad.tap_projector(cfg.backbone) for _ in self.taps)
+
+    def features(self, pixel_values, *rows):
+        """(hidden, [each trunk tap's merger output])."""
+        h = self.embeddings(pixel_values, *rows)
+        ctx = self.context(*rows) if self.context is not None else ()
+        deep = []
+        for i, layer in zip(self.indices, self.layers):
+            h = layer(h, *ctx)
+            if i in self.taps:
+                deep.append(self.deepstack[self.taps.index(i)](h))
+        return h, deep
 
     def forward(self, pixel_values, *rows):
-        h = self.embeddings(pixel_values)
-        ctx = self.context(*rows) if self.context is not None else ()
-        for layer in self.layers:
-            h = layer(h, *ctx)
-        return h
+        return self.features(pixel_values, *rows)[0]
 
 
 class Expert(nn.Module):
     """hidden [N_crops, T, D] -> tokens [N_crops, T', D_llm]: the last k layers + feature selection + projector.
-    Patch families: hidden [P, D] and the rows' inputs -> tokens [P / merge, D_llm] (the merger)."""
+    Patch families: hidden [P, D] and the rows' inputs -> tokens [P / merge, D_llm] (the merger). DeepStack taps
+    among the last k layers are the expert's (copied per domain as the projector is): `features` gives them."""
 
     def __init__(self, cfg: MixpertConfig):
         super().__init__()
         ad = adapter_for(cfg.backbone)
         self.context = ad.context(cfg.backbone)
+        self.indices = list(cfg.expert_layer_range)
         self.layers = nn.ModuleList(ad.layer(cfg.backbone, i) for i in cfg.expert_layer_range)
         self.projector = ad.projector(cfg.backbone)
         self.drop_first = cfg.backbone.select_strategy == "default"
+        self.taps = _taps(cfg, cfg.expert_layer_range)
+        if self.taps:
+            self.deepstack = nn.ModuleList(ad.tap_projector(cfg.backbone) for _ in self.taps)
 
-    def forward(self, hidden, *rows):
+    def features(self, hidden, *rows):
+        """(tokens, [each expert tap's merger output])."""
+        deep = []
         if self.layers:
             ctx = self.context(*rows) if self.context is not None else ()
-            for layer in self.layers:
+            for i, layer in zip(self.indices, self.layers):
                 hidden = layer(hidden, *ctx)
+                if i in self.taps:
+                    deep.append(self.deepstack[self.taps.index(i)](hidden))
         if self.drop_first:
             hidden = hidden[:, 1:]
-        return self.projector(hidden)
+        return self.projector(hidden), deep
+
+    def forward(self, hidden, *rows):
+        return self.features(hidden, *rows)[0]
 
 
 class Router(nn.Module):
@@ -190,12 +220,31 @@ class Router(nn.Module):
         return torch.softmax(self.logits(hidden, pool), dim=-1)
 
 
+class Deepstack(nn.Module):
+    """A part that has DeepStack taps as its graph: (its main output, deepstack [merged, taps, D_llm]), the
+    taps stacked along axis 1 in tower order (the bundle's contract, mixpert_export/bundle/contract.py)."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, x, *rows):
+        main, deep = self.part.features(x, *rows)
+        return main, torch.stack(deep, dim=1)
+
+
 class SingleEncoder(nn.Module):
     """The unsplit baseline: the vision tower + projector as one model (trunk then one expert)."""
 
     def __init__(self, trunk: Trunk, expert: Expert):
         super().__init__()
         self.trunk, self.expert = trunk, expert
+
+    def features(self, pixel_values, *rows):
+        """(tokens, every DeepStack tap's merger output, in tower order)."""
+        hidden, deep = self.trunk.features(pixel_values, *rows)
+        tokens, more = self.expert.features(hidden, *rows)
+        return tokens, deep + more
 
     def forward(self, pixel_values, *rows):
         return self.expert(self.trunk(pixel_values, *rows), *rows)

@@ -111,7 +111,7 @@ def target_key(canonical: str, cfg: MixpertConfig) -> str | None:
         return f"trunk.{rest}"
     m = _LAYER.match(rest)
     if not m:
-        return None
+        return adapter_for(cfg.backbone).tower_target(rest, cfg)
     i, tail = int(m.group(1)), m.group(2)
     if i in cfg.trunk_layers:
         return f"trunk.layers.{i}.{tail}"

@@ -32,7 +32,8 @@ def test_entries_round_trip():
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(MixpertError, match="internvl2-8b, internvl3-8b, internvl3.5-8b, llava-ov-7b, qwen2-vl-7b, qwen2.5-vl-7b, tiny"):
+    with pytest.raises(MixpertError, match="internvl2-8b, internvl3-8b, internvl3.5-8b, llava-ov-7b, qwen2-vl-7b, "
+                                           "qwen2.5-vl-7b, qwen3-vl-8b, tiny"):
         get_backbone("qwen9-vl")
 
 
@@ -55,6 +56,37 @@ QWEN2_5_VL_7B = {
                       "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
                       "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
 }
+
+
+# Qwen/Qwen3-VL-8B-Instruct config.json (the fields that matter; text sizes in text_config), as its model card's config
+# lists them
+QWEN3_VL_8B = {
+    "model_type": "qwen3_vl", "image_token_id": 151655, "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 4096},
+    "vision_config": {"model_type": "qwen3_vl", "depth": 27, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 1152,
+                      "intermediate_size": 4304, "in_channels": 3, "num_heads": 16, "num_position_embeddings": 2304,
+                      "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "deepstack_visual_indexes": [8, 16, 24], "initializer_range": 0.02},
+}
+# its preprocessor_config.json (Qwen2VLImageProcessorFast with 16 px patches, mean / std 0.5)
+QWEN3_VL_PROCESSOR = {"image_processor_type": "Qwen2VLImageProcessorFast", "patch_size": 16, "temporal_patch_size": 2,
+                      "merge_size": 2, "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+                      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def test_qwen3_vl_8b_entry_is_what_its_config_and_processor_say():
+    from mixpert_train.families import adapter_for_config
+
+    bb = get_backbone("qwen3-vl-8b")
+    ad = adapter_for_config(QWEN3_VL_8B, "config.json")
+    for processor in (None, QWEN3_VL_PROCESSOR):
+        got = ad.backbone_from_config(QWEN3_VL_8B, "qwen3-vl-8b", bb, "config.json", processor, "preprocessor_config.json")
+        assert got.replace(processor=None).to_dict() == bb.to_dict()
+    assert (bb.layers_in_use, bb.hidden_size, bb.llm_hidden_size, bb.max_crops) == (27, 1152, 4096, 65536)
+    assert ad.taps(bb) == (8, 16, 24)
+    bad = dict(QWEN3_VL_8B, vision_config=dict(QWEN3_VL_8B["vision_config"], deepstack_visual_indexes=[8, 27]))
+    with pytest.raises(MixpertError, match=r"deepstack_visual_indexes \[27\] outside the 27 blocks") as e:
+        ad.backbone_from_config(bad, "x", None, "config.json", None, None)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("entry, config", [("qwen2-vl-7b", QWEN2_VL_7B), ("qwen2.5-vl-7b", QWEN2_5_VL_7B)])

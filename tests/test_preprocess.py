@@ -43,8 +43,8 @@ CONFIGS = {
     "qwen2vit": [{}, {"resample": int(Image.Resampling.BILINEAR)}, {"resample": int(Image.Resampling.LANCZOS)},
                  {"size": {"shortest_edge": 4 * 28 * 28, "longest_edge": 300 * 28 * 28}, "image_mean": [0.5] * 3}],
 }
-CONFIGS["qwen25vit"] = CONFIGS["qwen2vit"]  # Qwen2.5-VL: the same processor
-TINY = ["tiny", "tiny-internvl", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+CONFIGS["qwen25vit"] = CONFIGS["qwen3vit"] = CONFIGS["qwen2vit"]  # Qwen2.5-VL, Qwen3-VL: the same processor
+TINY = ["tiny", "tiny-internvl", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"]
 
 
 def compare(fast: Preprocessor, slow: Preprocessor, cases):
@@ -61,7 +61,7 @@ def compare(fast: Preprocessor, slow: Preprocessor, cases):
         assert np.array_equal(slow.rows(img)[0], rows), (w, h, mode, fmt)
 
 
-@pytest.mark.parametrize("backbone", TINY + ["llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("backbone", TINY + ["llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_fast_path_is_bit_identical_to_transformers(backbone):
     bb = get_backbone(backbone)
     for changes in CONFIGS[bb.family]:  # a snapshot's processor config with another filter, tiling or bounds

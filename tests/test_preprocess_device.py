@@ -24,8 +24,8 @@ from mixpert_train.preprocess import Preprocessor, load_image
 
 # family -> (most levels, share of values differing at all, share differing by more than 2 levels)
 TOLERANCE = {"siglip": (4, 0.05, 1e-5), "internvit": (26, 0.15, 0.01), "qwen2vit": (26, 0.15, 0.01)}
-TOLERANCE["qwen25vit"] = TOLERANCE["qwen2vit"]  # the same processor and geometry
-TINY = ("tiny", "tiny-internvl", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+TOLERANCE["qwen25vit"] = TOLERANCE["qwen3vit"] = TOLERANCE["qwen2vit"]  # the same processor and geometry
+TINY = ("tiny", "tiny-internvl", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 
 
 def corpus(backbone: str):
@@ -55,7 +55,7 @@ def within_tolerance(host: Preprocessor, dev: Preprocessor, images) -> float:
     return worst
 
 
-@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 @pytest.mark.parametrize("resample", [None, Image.Resampling.BILINEAR])
 @pytest.mark.parametrize("exact_uint8", [True, False], ids=["uint8-cpu", "float32-as-on-cuda"])
 def test_torch_resize_is_within_the_stated_tolerance_of_the_pil_path(backbone, resample, exact_uint8):
@@ -139,7 +139,7 @@ def test_filters_torch_has_no_antialiased_kernel_for_are_refused_in_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("backbone", [*TINY, "llava-ov-7b", "internvl2-8b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_cuda_preprocessing_is_within_the_stated_tolerance(backbone):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible on this machine)")

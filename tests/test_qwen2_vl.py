@@ -20,13 +20,13 @@ MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 
 
 # model_type -> (the tiny registry entry, transformers' config and model classes)
-KINDS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
+KINDS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
 
 
 def _classes(kind):
     import transformers
 
-    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[kind]
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[kind]
     return getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForConditionalGeneration")
 
 
@@ -40,7 +40,8 @@ def make_qwen2_vl(seed=0, image_token_id=5, kind="qwen2_vl"):
         text_config=dict(model_type=f"{kind}_text", hidden_size=bb.llm_hidden_size, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
                          max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": [4, 6, 6]}),
+                                                                        "mrope_section": [4, 6, 6]},
+                         **({"head_dim": 32} if kind == "qwen3_vl" else {})),
         image_token_id=image_token_id, video_token_id=image_token_id + 1, vision_start_token_id=image_token_id + 2,
     )
     torch.manual_seed(seed)
@@ -51,6 +52,8 @@ def make_qwen2_vl(seed=0, image_token_id=5, kind="qwen2_vl"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.05 * torch.randn_like(p))
+            if name.startswith("model.visual.deepstack_merger_list.") and ".linear_fc2." in name:
+                p.mul_(20.0)  # DeepStack features large enough to change the tiny LLM's answers (test_ask_...)
     return model
 
 
@@ -76,16 +79,33 @@ def _images(sizes=SIZES, seed=0):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
-def reference(model, snap, images):
-    """transformers' processor from the snapshot and the model's own image features, one tensor an image."""
+def reference(model, snap, images, deepstack=False):
+    """transformers' processor from the snapshot and the model's own image features, one tensor an image;
+    deepstack=True: also Qwen3-VL's DeepStack features, one [taps, tokens, D_llm] an image (None for the others)."""
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(snap)
     inputs = proc(images=images, return_tensors="pt")
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                               image_grid_thw=inputs["image_grid_thw"]).pooler_output
-    return inputs, [f.numpy() for f in feats]
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    want = [f.numpy() for f in out.pooler_output]
+    if not deepstack:
+        return inputs, want
+    taps = getattr(out, "deepstack_features", None)
+    deep = [np.stack([t[i].numpy() for t in taps]) for i in range(len(images))] if taps else [None] * len(images)
+    return inputs, want, deep
+
+
+def assert_deepstack(got, want, tol):
+    """The DeepStack features of one image (None for the generations without) within `tol` of transformers',
+    relative to their largest magnitude where it is above 1 (the tiny model's DeepStack mergers are scaled up to
+    reach 20-60, where float32's own spacing is 2-4e-6 and summation order alone moves values by 1e-5)."""
+    if want is None:
+        assert got is None
+        return
+    scale = max(1.0, float(np.abs(want).max()))
+    assert got is not None and got.shape == want.shape and np.abs(got - want).max() <= tol * scale, \
+        (None if got is None else (got.shape, want.shape, float(np.abs(got - want).max()), scale))
 
 
 def test_preprocessing_is_transformers_processor_from_the_snapshot(qwen):
@@ -118,15 +138,21 @@ def test_golden_versatile_equals_transformers_image_features(qwen, k):
 
     model, snap, name = qwen
     mix = model_from_snapshot(snap, name, expert_layers=k)
-    inputs, want = reference(model, snap, _images())
-    rows = adapter_for(mix.cfg.backbone).row_inputs(mix.cfg.backbone, inputs["image_grid_thw"].numpy())
-    rows = [torch.from_numpy(rows[n]) for n in ("position_ids", "segment_ids")]
+    inputs, want, want_deep = reference(model, snap, _images(), deepstack=True)
+    bb = mix.cfg.backbone
+    rows = adapter_for(bb).row_inputs(bb, inputs["image_grid_thw"].numpy())
+    rows = [torch.from_numpy(rows[n]) for n, _, _ in adapter_for(bb).io(bb)["rows"]]
     with torch.no_grad():
-        tokens = mix.experts[VERSATILE](mix.trunk(inputs["pixel_values"], *rows), *rows).numpy()
-    sizes = [len(w) for w in want]
-    got = np.split(tokens, np.cumsum(sizes)[:-1])
-    for g, w in zip(got, want):
+        hidden, deep = mix.trunk.features(inputs["pixel_values"], *rows)
+        tokens, more = mix.experts[VERSATILE].features(hidden, *rows)
+    taps = adapter_for(bb).taps(bb)
+    assert len(deep) == sum(t < bb.layers_in_use - k for t in taps) and len(deep) + len(more) == len(taps)
+    split = np.cumsum([len(w) for w in want])[:-1]
+    got = np.split(tokens.numpy(), split)
+    deep = np.split(torch.stack(deep + more).numpy(), split, axis=1) if taps else [None] * len(want)
+    for g, w, d, wd in zip(got, want, deep, want_deep):
         assert g.shape == w.shape and np.abs(g - w).max() <= 1e-5, (k, g.shape, np.abs(g - w).max())
+        assert_deepstack(d, wd, 1e-5)
 
 
 def test_refusals(qwen, tmp_path):
@@ -168,28 +194,33 @@ def test_language_model_shards_are_never_opened(qwen, tmp_path):
     model_from_snapshot(snap, name)  # opens only the vision shards
 
 
-@pytest.mark.parametrize("entry", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("entry", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_real_scale_entry_matches_transformers(entry):
-    """The 7B ViT and merger as transformers builds them (meta device), and the Table 6 view."""
+    """The 7B / 8B ViT and merger (Qwen3-VL: and its DeepStack mergers, the trunk's at k = 2) as transformers
+    builds them (meta device), and the Table 6 view."""
     import transformers
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     from mixpert_train.model import MixpertConfig, build_model, parameter_report
 
     bb = get_backbone(entry)
     cfg = MixpertConfig.for_backbone(bb)
-    assert (bb.hidden_size, bb.tower_layers, bb.layers_in_use, bb.max_crops) == (1280, 32, 32, 5120)
+    d = bb.hidden_size
+    assert (d, bb.tower_layers, bb.layers_in_use, bb.max_crops) == {
+        "qwen3-vl-8b": (1152, 27, 27, 65536)}.get(entry, (1280, 32, 32, 5120))
     assert cfg.domains == ("chart", "doc", "general") and cfg.expert_layers == 2
     tower_cls, config_cls = {"qwen2-vl-7b": (Qwen2VisionTransformerPretrainedModel, transformers.Qwen2VLVisionConfig),
                              "qwen2.5-vl-7b": (Qwen2_5_VisionTransformerPretrainedModel,
-                                               transformers.models.qwen2_5_vl.Qwen2_5_VLVisionConfig)}[entry]
+                                               transformers.models.qwen2_5_vl.Qwen2_5_VLVisionConfig),
+                             "qwen3-vl-8b": (Qwen3VLVisionModel, transformers.models.qwen3_vl.Qwen3VLVisionConfig)}[entry]
     with torch.device("meta"):
         tower = tower_cls(config_cls(**bb.vision))
-    n_tower = sum(p.numel() for p in tower.parameters())  # blocks + patch embedding + merger
+    n_tower = sum(p.numel() for p in tower.parameters())  # blocks + patch embedding + merger (+ DeepStack mergers)
     r = parameter_report(cfg)
     assert r["baseline_total"] == n_tower
-    assert r["added_experts"] == 3 * r["expert"] and r["added_activated"] == r["router"] == 1280 * 1280 + 1280 + 1280 * 3 + 3
+    assert r["added_experts"] == 3 * r["expert"] and r["added_activated"] == r["router"] == d * d + d + d * 3 + 3
     m = build_model(cfg, device="meta")
     assert sum(p.numel() for p in m.experts[VERSATILE].projector.parameters()) == sum(p.numel() for p in tower.merger.parameters())
 
@@ -208,14 +239,23 @@ def bundle(request, qwen, tmp_path_factory):
     return request.param, d, manifest
 
 
-def test_bundle_parts_have_a_patch_axis(bundle):
+def test_bundle_parts_have_a_patch_axis(qwen, bundle):
     k, _, manifest = bundle
     assert manifest["max_crops"] == 256  # the patch budget: one largest image (128 x 128 px of 8 px patches)
     trunk, expert = manifest["parts"]["trunk"]["spec"], manifest["parts"]["expert_versatile"]["spec"]
+    qwen3 = qwen[2] == "tiny-qwen3-vl"  # + the position table's taps and weights; DeepStack outputs
     assert [(t["name"], t["shape"], t["dtype"]) for t in trunk["inputs"]] == [
         ("pixel_values", ["patches", 192], "uint8"), ("position_ids", ["patches", 2], "int64"),
-        ("segment_ids", ["patches"], "int64")]
+        ("segment_ids", ["patches"], "int64")] + ([("pos_index", ["patches", 4], "int64"),
+                                                   ("pos_weight", ["patches", 4], "float32")] if qwen3 else [])
     assert expert["outputs"][0]["shape"] == ["merged", 128]
+    if qwen3:  # taps after blocks 1, 3, 4 of 6: the trunk runs those of its 6 - k blocks, the experts the rest
+        n_trunk = sum(t < 6 - k for t in (1, 3, 4))
+        assert [(o["name"], o["shape"]) for o in trunk["outputs"]] == [("hidden", ["patches", 96])] + (
+            [("deepstack", ["merged", n_trunk, 128])] if n_trunk else [])
+        assert [(o["name"], o["shape"]) for o in expert["outputs"]] == [("tokens", ["merged", 128])] + (
+            [("deepstack", ["merged", 3 - n_trunk, 128])] if n_trunk < 3 else [])
+        assert [o["name"] for o in manifest["parts"]["router"]["spec"]["outputs"]] == ["scores"]
     assert manifest["parts"]["router"]["spec"]["inputs"][1]["shape"] == ["images", "patches"]
     if k == 2:
         for name, part in manifest["parts"].items():
@@ -245,17 +285,19 @@ def test_bundle_everything_versatile_equals_transformers(qwen, bundle, runtime, 
     assert pipe.cfg.expert_layers == k and pipe.cfg.domains == ("chart", "doc", "general")
     images = _images() + _images([(20, 20), (33, 50), (64, 16)], seed=1)
     results = pipe(images)
-    inputs, want = reference(model, snap, images)
+    inputs, want, deep = reference(model, snap, images, deepstack=True)
     grids = inputs["image_grid_thw"].tolist()
     assert pipe.stats.launches["trunk"] < len(images)  # small images share a call
-    for im, g, r, w in zip(images, grids, results, want):
+    for im, g, r, w, d in zip(images, grids, results, want, deep):
         assert r.ok and r.expert == VERSATILE and r.crops == int(np.prod(g)) and list(r.grid) == g, (im.size, r.error)
         assert r.tokens.shape == w.shape and np.abs(r.tokens - w).max() <= tol
         assert np.abs(r.embeddings - w).max() <= tol
+        assert_deepstack(r.deepstack, d, tol)  # Qwen3-VL: every tap, the trunk's and the expert's, in order
 
 
 def _expert_reference(model, mix, expert):
-    """transformers' model with `expert`'s blocks and merger in its tower: what that expert's tokens must be."""
+    """transformers' model with `expert`'s blocks and merger (and DeepStack mergers) in its tower: what that
+    expert's tokens must be."""
     import copy
 
     ref = copy.deepcopy(model)
@@ -265,6 +307,8 @@ def _expert_reference(model, mix, expert):
         for i, layer in enumerate(e.layers):
             vis.blocks[L - k + i].load_state_dict(layer.state_dict())
         vis.merger.load_state_dict(e.projector.state_dict())
+        for tap, merger in zip(e.taps, getattr(e, "deepstack", [])):
+            vis.deepstack_merger_list[list(vis.deepstack_visual_indexes).index(tap)].load_state_dict(merger.state_dict())
     return ref
 
 
@@ -301,8 +345,9 @@ def test_mixed_call_each_image_gets_its_own_experts_tokens(qwen, tmp_path_factor
     assert {k: v for k, v in pipe.stats.launches.items() if k.startswith("expert_")} == {
         "expert_doc": 1, "expert_versatile": 1, "expert_chart": 1, "expert_general": 1}
     for (res, _), im, e in zip(batch, images, experts):
-        _, want = reference(_expert_reference(model, mix, e), snap, [im])
+        _, want, deep = reference(_expert_reference(model, mix, e), snap, [im], deepstack=True)
         assert np.abs(res.tokens - want[0]).max() <= tol, (e, im.size)
+        assert_deepstack(res.deepstack, deep[0], tol)  # Qwen3-VL at k = 2: two trunk taps, the expert's own third
     _, other = reference(model, snap, [images[0]])  # the versatile answer for image 0 differs from doc's
     assert np.abs(batch[0][0].tokens - other[0]).max() > 100 * tol
 
@@ -320,16 +365,21 @@ def test_run_cli_bad_inputs_are_one_line_each(qwen, bundle, tmp_path):
         im.save(ims[-1])
     (tmp_path / "bad.png").write_bytes(b"not an image")
     Image.new("RGB", (1, 300)).save(tmp_path / "thin.png")  # aspect 300: Qwen2-VL's processor refuses it
-    out = tmp_path / "out.json"
+    out, npz = tmp_path / "out.json", tmp_path / "features.npz"
     rc = main(["run", "--engines", str(path), *map(str, ims), str(tmp_path / "bad.png"), str(tmp_path / "thin.png"),
-               "--packed", "--json", str(out)])
+               "--packed", "--json", str(out), "--save-features", str(npz)])
     rows = json.loads(out.read_text())
     assert rc == 1 and len(rows) == 5  # 1: some image failed; the others are answered
-    from transformers import AutoImageProcessor
-
-    grids = AutoImageProcessor.from_pretrained(qwen[1])(images=_images()[:3], return_tensors="np")["image_grid_thw"]
+    inputs, want, deep = reference(qwen[0], qwen[1], _images()[:3], deepstack=True)
+    grids = inputs["image_grid_thw"].numpy()
     assert [r["grid"] for r in rows[:3]] == grids.tolist()
     assert [r["embeddings_shape"] for r in rows[:3]] == [[int(np.prod(g)) // 4, 128] for g in grids]
+    saved = np.load(npz)
+    for i in range(3):  # the saved features are transformers' (Qwen3-VL: with each image's DeepStack features)
+        assert np.abs(saved[str(i)] - want[i]).max() <= 1e-4
+        assert_deepstack(saved[f"{i}_deepstack"] if f"{i}_deepstack" in saved else None, deep[i], 1e-4)
+        assert ("deepstack_shape" in rows[i]) == (deep[i] is not None)
+    assert sorted(saved.files) == sorted([str(i) for i in range(3)] + [f"{i}_deepstack" for i in range(3) if deep[i] is not None])
     for r in rows[3:]:
         assert "error" in r and "\n" not in r["error"]
     assert rows[4]["error"].startswith(str(tmp_path / "thin.png")) and "aspect ratio" in rows[4]["error"]
@@ -360,18 +410,24 @@ def test_serve_and_triton_repository(qwen, bundle, tmp_path):
         cfg = read_config(repo / f"mixpert_{part}" / "config.pbtxt")
         assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching"), part
     trunk = read_config(repo / "mixpert_trunk" / "config.pbtxt")
+    qwen3 = name == "tiny-qwen3-vl"
     assert [(i.name, list(i.dims), i.data_type) for i in trunk.input] == [  # one frame of patch bytes
-        ("pixel_values", [-1, 192], 2), ("position_ids", [-1, 2], 9), ("segment_ids", [-1], 9)]  # TYPE_UINT8, TYPE_INT64
+        ("pixel_values", [-1, 192], 2), ("position_ids", [-1, 2], 9), ("segment_ids", [-1], 9)] + (  # UINT8, INT64
+        [("pos_index", [-1, 4], 9), ("pos_weight", [-1, 4], 11)] if qwen3 else [])  # + FP32
+    # Qwen3-VL: the mixpert model answers DeepStack [taps, L, D] too, and the parts that run taps give theirs
+    assert [list(o.dims) for o in top.output if o.name == "deepstack"] == ([[3, -1, 128]] if qwen3 else [])
+    assert [o.name for o in trunk.output] == ["hidden"] + (["deepstack"] if qwen3 else [])
     images = _images()[1:4]
-    _, want = reference(model, snap, images)
+    _, want, deep = reference(model, snap, images, deepstack=True)
     with ServeProcess(path, log=tmp_path / "serve.log", extra=["--tau", "1.0"]) as server:
         client = MixpertClient(server.url)
-        for im, w in zip(images, want):
+        for im, w, d in zip(images, want, deep):
             buf = io.BytesIO()
             im.save(buf, "PNG")
             got = client.infer(buf.getvalue())
             assert got.expert == VERSATILE and got.tokens.shape == w.shape
             assert np.abs(got.tokens - w).max() <= 1e-4
+            assert_deepstack(got.deepstack, d, 1e-4)
         with pytest.raises(MixpertError, match="not an image"):
             client.infer(b"GIF89a not really")
         client.close()
@@ -423,7 +479,7 @@ def test_ask_equals_transformers_generate(qwen, bundle, tmp_path):
     llm = LanguageModel.from_snapshot(llm_snap)
     proc = AutoImageProcessor.from_pretrained(snap)
     question, new = " w10 w11 w12", 10
-    answers = []
+    answers, without = [], []
     for runtime in ("torch", "onnxruntime"):
         pipe = MixpertPipeline.from_engines(path, runtime=runtime, packed=True, tau=1.0)
         for im in _images()[:4]:
@@ -442,7 +498,12 @@ def test_ask_equals_transformers_generate(qwen, bundle, tmp_path):
             assert llm.input_ids(question, got.image_positions) == ids["input_ids"][0].tolist()
             assert got.expert == VERSATILE and got.token_ids == want and len(want) >= 3, (im.size, got.token_ids, want)
             answers.append(tuple(want))
+            if name == "tiny-qwen3-vl":  # the same embeddings without DeepStack: what ignoring it would answer
+                (res,) = pipe([im])
+                assert res.deepstack.shape == (3,) + res.embeddings.shape
+                without.append(tuple(llm.generate(res.embeddings, question, new, grid=res.grid)[0]) != tuple(want))
     assert len(set(answers)) >= 2  # the image changes the answer: the test would see an ignored vision side
+    assert not without or any(without)  # Qwen3-VL: DeepStack changes answers, so the equality above checks it
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -462,6 +523,11 @@ def test_training_stages_on_a_tiny_qwen2_vl(tmp_path, kind):
     data = tmp_path / "data"
     generate(data, n_per_domain=10, seed=3, progress=False, domains=("chart", "doc", "general"))
     name = KINDS[kind]
+    if kind == "qwen3_vl":  # DeepStack enters the LLM's first layers, which the stages' loss does not feed: refused
+        with pytest.raises(MixpertError, match="do not support Qwen3-VL yet") as e:
+            run_joint(data, tmp_path / "joint", JointConfig(name, epochs=1, batch=8), progress=False)
+        assert "\n" not in str(e.value) and not (tmp_path / "joint").exists()
+        return
     joint = run_joint(data, tmp_path / "joint", JointConfig(name, epochs=1, batch=8), progress=False)
     assert json.loads((joint / "config.json").read_text())["model_type"] == kind
     assert backbone_from_snapshot(joint).family == get_backbone(name).family
@@ -497,6 +563,8 @@ def test_training_scores_use_the_models_own_mrope_positions(qwen):
     from mixpert_train.preprocess import Preprocessor
 
     model, snap, name = qwen
+    if name == "tiny-qwen3-vl":
+        pytest.skip("Qwen3-VL: the training stages are not built for DeepStack (test_training_stages_... checks the refusal)")
     bb = backbone_from_snapshot(snap, name)
     pre = Preprocessor(bb)
     items = []
@@ -532,6 +600,11 @@ def test_static_bucketed_path_over_patches_equals_dynamic_on_cpu(qwen, bundle):
 
     _, path, manifest = bundle
     plain = MixpertPipeline.from_engines(path, runtime="onnxruntime")
+    if qwen[2] == "tiny-qwen3-vl":  # not built yet for DeepStack's second outputs: refused, never half-carried
+        with pytest.raises(MixpertError, match="static .* path does not carry DeepStack") as e:
+            MixpertPipeline(TorchBackend("cpu", static=True).load(path, manifest), manifest)
+        assert "\n" not in str(e.value)
+        return
     statics = [MixpertPipeline(TorchBackend("cpu", static=True).load(path, manifest), manifest),
                MixpertPipeline(OnnxRuntimeBackend("cpu", static=True).load(path, manifest), manifest)]
     for s in statics:

@@ -40,22 +40,30 @@ def part_specs(cfg: MixpertConfig, precision: str, with_baseline: bool = True) -
     """The I/O contract of every part, from the family's io(): pixels (uint8 bytes, normalised in the graph),
     router I/O and per-row inputs (patch families' positions and image ids) as they are, hidden and tokens in
     `precision`. The leading axis is 'crops'
-    (fixed-size crops) or 'patches' (Qwen2-VL's dynamic resolution, whose experts give 'merged' rows)."""
+    (fixed-size crops) or 'patches' (Qwen2-VL's dynamic resolution, whose experts give 'merged' rows). A part that
+    runs DeepStack taps (Qwen3-VL) gives `deepstack` [merged, its taps, D_llm] after its main output."""
     from mixpert_train.families import adapter_for
 
     bb, dt = cfg.backbone, ONNX_DTYPE[precision]
-    io = adapter_for(bb).io(bb)
+    ad = adapter_for(bb)
+    io = ad.io(bb)
     pixels = TensorSpec("pixel_values", *io["pixels"])
     rows = tuple(TensorSpec(*r) for r in io["rows"])
     hidden = TensorSpec("hidden", io["hidden"], dt)
     tokens = TensorSpec("tokens", io["tokens"], dt)
     unit = io["hidden"][0]
+    taps = ad.taps(bb)  # DeepStack (Qwen3-VL): each tap's merger output, from the part that runs its layer
+
+    def deepstack(layers) -> tuple:
+        n = sum(t in layers for t in taps)
+        return (TensorSpec("deepstack", (io["tokens"][0], n, bb.llm_hidden_size), dt),) if n else ()
+
     specs = [
-        PartSpec("trunk", (pixels,) + rows, (hidden,)),
+        PartSpec("trunk", (pixels,) + rows, (hidden,) + deepstack(cfg.trunk_layers)),
         PartSpec("router", (hidden, TensorSpec("pool", ("images", unit), "float32")),
                  (TensorSpec("scores", ("images", len(cfg.domains)), "float32"),)),
     ]
-    specs += [PartSpec(f"expert_{e}", (hidden,) + rows, (tokens,)) for e in cfg.experts]
+    specs += [PartSpec(f"expert_{e}", (hidden,) + rows, (tokens,) + deepstack(cfg.expert_layer_range)) for e in cfg.experts]
     if with_baseline:
-        specs.append(PartSpec("single_encoder", (pixels,) + rows, (tokens,)))
+        specs.append(PartSpec("single_encoder", (pixels,) + rows, (tokens,) + deepstack(range(bb.layers_in_use))))
     return specs

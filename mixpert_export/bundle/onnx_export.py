@@ -72,14 +72,17 @@ def lowered(model: MixpertVision, precision: str) -> MixpertVision:
 
 def part_module(model: MixpertVision, spec: PartSpec, precision: str) -> nn.Module:
     """The torch module whose forward is exactly this part's graph (model already lowered)."""
+    from mixpert_train.model import Deepstack
+
     dtype = PRECISIONS[precision]
+    wrap = Deepstack if [t.name for t in spec.outputs][1:] == ["deepstack"] else (lambda m: m)
     if spec.name == "trunk":
-        return _PixelsIn(model.trunk, dtype, model.cfg)
+        return _PixelsIn(wrap(model.trunk), dtype, model.cfg)
     if spec.name == "router":
         return model.router
     if spec.name == "single_encoder":
-        return _PixelsIn(model.single_encoder(), dtype, model.cfg)
-    return model.experts[spec.name[len("expert_"):]]
+        return _PixelsIn(wrap(model.single_encoder()), dtype, model.cfg)
+    return wrap(model.experts[spec.name[len("expert_"):]])
 
 
 def example_inputs(spec: PartSpec, cfg: MixpertConfig, precision: str, crops: int = 3) -> tuple:

@@ -38,6 +38,9 @@ class ImageResult:
     crops: int = 0  # rows: crops, or patches for dynamic-resolution families (Qwen2-VL)
     tokens: Any = None  # [n_crops, T, D_llm]: the experts' output, per crop; patch families: [n_patches / 4, D_llm]
     embeddings: Any = None  # [L, D_llm] with packed=True: what the LLM splices in at the image's token positions
+    # Qwen3-VL: the DeepStack features [taps, n_patches / 4, D_llm] (packed=True: [taps, L, D_llm], in the
+    # embeddings' order), which its LLM adds to its first layers' hidden states at the image's positions
+    deepstack: Any = None
     image_size: tuple | None = None  # (height, width) of the decoded image
     grid: tuple | None = None  # (t, h, w) in patches, for patch families
     error: str | None = None
@@ -54,6 +57,7 @@ class ImageResult:
             return d | {"error": self.error}
         d |= {"expert": self.expert, "scores": self.scores, "margin": self.margin, "latency_ms": self.latency_ms,
               "host_ms": round(self.host_ms, 3)}
+        d |= {"deepstack_shape": list(self.deepstack.shape)} if self.deepstack is not None else {}
         return d | ({"embeddings_shape": list(self.embeddings.shape)} if self.embeddings is not None else {})
 
 
@@ -92,6 +96,12 @@ class MixpertPipeline:
         if packing is not None and per_crop:
             raise MixpertError("packed embeddings need one expert an image; drop --per-crop")
         self.stats = PipelineStats()
+        # Qwen3-VL's DeepStack outputs: which parts give one (bundle/contract.py)
+        outs = {name: [o["name"] for o in part.get("spec", {}).get("outputs", [])] for name, part in manifest["parts"].items()}
+        self.deepstack = {part for part, names in outs.items() if "deepstack" in names}
+        if self.deepstack and getattr(backend, "static", None) is not None:
+            raise MixpertError(f"{self.cfg.backbone.name}: the static (bucketed, CUDA-graph) path does not carry "
+                               "DeepStack outputs yet; run without --static / --graphs")
         self._serial = threading.Lock() if backend.serial else contextlib.nullcontext()
         route(np.full((1, len(self.cfg.domains)), 1.0 / len(self.cfg.domains)), self.cfg.domains, self.strategy)  # validate
         for name, value, uses in (("tau", tau, "score-difference"), ("lam", lam, "score-threshold")):
@@ -227,7 +237,8 @@ class MixpertPipeline:
         pixels = concat_crops([px for _, px in batch])
         # patch families' per-row inputs, gathered with each expert's rows
         rows = self.row_feeds([res.grid for res, _ in batch]) if self.io["rows"] else {}
-        hidden = be.infer("trunk", {"pixel_values": be.from_host(pixels)} | rows)["hidden"]
+        trunk = be.infer("trunk", {"pixel_values": be.from_host(pixels)} | rows)
+        hidden = trunk["hidden"]
         self._count("trunk")
         pool = pool_matrix(counts, per_crop=self.per_crop)
         scores = be.to_host(be.infer("router", {"hidden": hidden, "pool": be.from_host(pool)})["scores"])
@@ -241,8 +252,17 @@ class MixpertPipeline:
                   for expert in dict.fromkeys(names)]  # first-use order: deterministic
         merge = self.io["merge"]
         # [N_rows / merge, ...] on the host
-        out = be.run_experts(hidden, groups, len(pixels), rows=rows, merge=merge) if rows else \
-            be.run_experts(hidden, groups, len(pixels))
+        deep = []  # DeepStack [n / merge, taps, D] of the trunk's taps, then the experts'
+        if "expert_versatile" in self.deepstack:
+            outs = be.run_expert_outputs(hidden, groups, len(pixels), rows=rows, merge=merge)
+            out = outs["tokens"]
+            deep.append(outs["deepstack"])
+        else:
+            out = be.run_experts(hidden, groups, len(pixels), rows=rows, merge=merge) if rows else \
+                be.run_experts(hidden, groups, len(pixels))
+        if "deepstack" in trunk:
+            deep.insert(0, be.to_host(trunk["deepstack"]))
+        deep = np.concatenate(deep, axis=1) if deep else None
         for part, _ in groups:
             self._count(part)
         be.synchronize()
@@ -251,6 +271,7 @@ class MixpertPipeline:
         for b, (res, _) in enumerate(batch):
             lo, hi = starts[b], starts[b + 1]
             res.tokens = out[lo // merge:hi // merge]
+            res.deepstack = None if deep is None else deep[lo // merge:hi // merge].transpose(1, 0, 2)
             res.latency_ms = ms
             if self.per_crop:
                 res.expert = [names[c] for c in range(lo, hi)]
@@ -258,12 +279,15 @@ class MixpertPipeline:
                 res.margin = margin[lo:hi].tolist()
             else:
                 res.expert, res.scores, res.margin = names[b], scores[b].tolist(), float(margin[b])
-            if not np.isfinite(res.tokens.astype(np.float32)).all():
+            if not np.isfinite(res.tokens.astype(np.float32)).all() or \
+                    (res.deepstack is not None and not np.isfinite(res.deepstack.astype(np.float32)).all()):
                 res.error = f"{res.source}: the model produced NaN or infinite tokens for this image"
-                res.tokens = None
+                res.tokens = res.deepstack = None
             elif self.packing is not None:
-                res.embeddings = adapter_for(self.cfg.backbone).pack(
-                    self.cfg.backbone, res.tokens, res.image_size, self.packing.get("image_newline"))
+                ad, bb = adapter_for(self.cfg.backbone), self.cfg.backbone
+                res.embeddings = ad.pack(bb, res.tokens, res.image_size, self.packing.get("image_newline"))
+                if res.deepstack is not None:  # each tap packed as the tokens are
+                    res.deepstack = np.stack([ad.pack(bb, d, res.image_size, None) for d in res.deepstack])
 
     def describe(self) -> dict:
         return {"backend": self.backend.describe(), "preprocess": self.preprocess.describe(), "strategy": self.strategy,

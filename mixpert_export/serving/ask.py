@@ -152,20 +152,28 @@ class LanguageModel:
         return enc(before) + self.open_ids + [self.image_token_id] * n_image + self.close_ids + enc(after)
 
     def generate(self, embeddings: np.ndarray, question: str, max_new_tokens: int = 32,
-                 grid=None) -> tuple[list[int], int]:
+                 grid=None, deepstack: np.ndarray | None = None) -> tuple[list[int], int]:
         """Greedy: (new token ids, prompt length) with `embeddings` [L, D] at the image positions; `grid`: the
-        image's (t, h, w) in patches, for families whose positions depend on it (Qwen2-VL)."""
+        image's (t, h, w) in patches, for families whose positions depend on it (Qwen2-VL); `deepstack`: Qwen3-VL's
+        DeepStack features [taps, L, D], which its LLM adds inside its first layers (the family then hands
+        generate() the vision side's output as transformers' pre-encoded features, Adapter.generate_inputs)."""
         import torch
 
         ids = torch.tensor([self.input_ids(question, len(embeddings))], device=self.model.device)
         embed = self.model.get_input_embeddings()
-        extra = self.family.generate_inputs(ids, grid, self.image_token_id) if self.family is not None and grid else {}
+        features = (embeddings, deepstack) if deepstack is not None else None
+        extra = self.family.generate_inputs(ids, grid, self.image_token_id, features) \
+            if self.family is not None and grid else {}
+        greedy = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=self.tokenizer.pad_token_id or 0)
         with torch.no_grad():
-            x = embed(ids)
-            mask = ids[0] == self.image_token_id
-            x[0, mask] = torch.as_tensor(embeddings, device=x.device, dtype=x.dtype)
-            out = self.model.generate(inputs_embeds=x, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0, **extra)
+            if "mm_encoder_outputs" in extra:  # the model splices the image in itself, DeepStack included
+                out = self.model.generate(**greedy, **extra)
+            else:
+                x = embed(ids)
+                mask = ids[0] == self.image_token_id
+                x[0, mask] = torch.as_tensor(embeddings, device=x.device, dtype=x.dtype)
+                out = self.model.generate(inputs_embeds=x, **greedy, **extra)
         new = out[0, ids.shape[1]:].tolist() if "input_ids" in extra else out[0].tolist()  # with ids: prompt first
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in new:
@@ -201,7 +209,7 @@ def ask(pipeline, llm: LanguageModel, image, question: str, max_new_tokens: int 
     if not res.ok:
         raise MixpertError(res.error)
     t1 = time.perf_counter()
-    ids, n_prompt = llm.generate(res.embeddings, question, max_new_tokens, grid=res.grid)
+    ids, n_prompt = llm.generate(res.embeddings, question, max_new_tokens, grid=res.grid, deepstack=res.deepstack)
     t2 = time.perf_counter()
     return Answer(text=llm.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, expert=res.expert,
                   scores=res.scores, margin=res.margin, image_positions=len(res.embeddings), prompt_tokens=n_prompt,

@@ -20,6 +20,7 @@ class Encoded:
     scores: np.ndarray  # [n_domains]
     crops: int
     embeddings: np.ndarray | None = None  # [L, D_llm] from a `serve --packed` server
+    deepstack: np.ndarray | None = None  # [taps, L, D_llm]: Qwen3-VL's DeepStack features
 
 
 class MixpertClient:
@@ -34,7 +35,8 @@ class MixpertClient:
     def outputs(self) -> tuple:
         if self._outputs is None:
             names = {o.name for o in self.client.get_model_metadata(self.model).outputs}
-            self._outputs = PACKED_OUTPUTS if "embeddings" in names else OUTPUTS
+            self._outputs = (PACKED_OUTPUTS if "embeddings" in names else OUTPUTS) + \
+                (("deepstack",) if "deepstack" in names else ())
         return self._outputs
 
     def ready(self) -> bool:
@@ -66,7 +68,8 @@ class MixpertClient:
         first = r.as_numpy("embeddings" if packed else "tokens")[0]
         return Encoded(tokens=None if packed else first, expert=r.as_numpy("expert").reshape(-1)[0].decode(),
                        scores=r.as_numpy("scores")[0], crops=int(r.as_numpy("crops").reshape(-1)[0]),
-                       embeddings=first if packed else None)
+                       embeddings=first if packed else None,
+                       deepstack=r.as_numpy("deepstack")[0] if "deepstack" in self.outputs() else None)
 
     def close(self):
         self.client.close()

@@ -54,6 +54,8 @@ class PipelineCallable:
         # a row's shape: an embedding [D]; tokens per crop [T, D] (patch families: a merged token [D])
         self.token_shape = (bb.llm_hidden_size,) if self.packed else token_dims(pipeline)
         self.n_domains = len(pipeline.cfg.domains)
+        self.taps = deepstack_taps(pipeline)  # Qwen3-VL: a `deepstack` output [taps, L, D_llm] beside the tokens
+        self.outputs = (PACKED_OUTPUTS if self.packed else OUTPUTS) + (("deepstack",) if self.taps else ())
 
     def _error(self, msg: str, n: int = 1) -> dict:
         """n rows (the request's batch size); one zero crop each, not zero crops: PyTriton's shared-memory
@@ -62,7 +64,8 @@ class PipelineCallable:
                 "expert": np.full((n, 1), b"", dtype=object),
                 "scores": np.full((n, self.n_domains), np.nan, np.float32),
                 "crops": np.zeros((n, 1), np.int32),
-                "error": np.full((n, 1), msg.encode(), dtype=object)}
+                "error": np.full((n, 1), msg.encode(), dtype=object)} | (
+            {"deepstack": np.zeros((n, self.taps, 1, self.token_shape[-1]), np.float32)} if self.taps else {})
 
     def __call__(self, requests) -> list[dict]:
         images, owners, responses = [], [], [None] * len(requests)
@@ -83,8 +86,17 @@ class PipelineCallable:
                             "expert": np.array([[res.expert.encode()]], dtype=object),
                             "scores": np.asarray(res.scores, np.float32)[None],
                             "crops": np.array([[res.crops]], np.int32),
-                            "error": np.array([[b""]], dtype=object)}
+                            "error": np.array([[b""]], dtype=object)} | (
+                {"deepstack": np.asarray(res.deepstack, np.float32)[None]} if self.taps else {})
         return responses
+
+
+def deepstack_taps(pipeline) -> int:
+    """DeepStack taps of the bundle's model (Qwen3-VL), 0 for the families without."""
+    from mixpert_train.families import adapter_for
+
+    bb = pipeline.cfg.backbone
+    return sum(t < bb.layers_in_use for t in adapter_for(bb).taps(bb))
 
 
 def token_dims(pipeline) -> tuple:
@@ -104,6 +116,8 @@ def model_tensors(pipeline):
                Tensor(name="scores", dtype=np.float32, shape=(len(pipeline.cfg.domains),)),
                Tensor(name="crops", dtype=np.int32, shape=(1,)),
                Tensor(name="error", dtype=bytes, shape=(1,))]
+    if deepstack_taps(pipeline):  # Qwen3-VL: [taps, L, D_llm], the tokens' order
+        outputs.append(Tensor(name="deepstack", dtype=np.float32, shape=(deepstack_taps(pipeline), -1, bb.llm_hidden_size)))
     return inputs, outputs
 
 

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from mixpert_export.bundle.manifest import read_packing
 from mixpert_export.runtime.backends.base import Backend
 from mixpert_export.runtime.pipeline import MixpertPipeline
-from mixpert_export.serving.serve import INPUT, OUTPUTS, PACKED_OUTPUTS, PipelineCallable
+from mixpert_export.serving.serve import INPUT, PipelineCallable
 from mixpert_train.errors import MixpertError
 
 
@@ -59,8 +59,8 @@ class TritonPythonModel:
         backend = TritonBLSBackend(models).load(version_dir, manifest)
         packed = config["parameters"].get("packed", {}).get("string_value") == "true"
         packing = read_packing(version_dir, manifest) if packed else None  # `triton --packed`: what serve --packed answers
-        self.outputs = PACKED_OUTPUTS if packed else OUTPUTS
         self.call = PipelineCallable(MixpertPipeline(backend, manifest, packing=packing))
+        self.outputs = self.call.outputs  # PACKED_OUTPUTS or OUTPUTS, + deepstack for Qwen3-VL
 
     def execute(self, requests):
         feeds = [{INPUT: pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy()} for r in requests]

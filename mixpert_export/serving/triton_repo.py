@@ -109,6 +109,9 @@ def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int, pack
                               ("expert", pb.TYPE_STRING, [1]), ("scores", pb.TYPE_FP32, [n]),
                               ("crops", pb.TYPE_INT32, [1]), ("error", pb.TYPE_STRING, [1])):
         cfg.output.add(name=name, data_type=dtype, dims=dims)
+    taps = sum(t < bb.layers_in_use for t in adapter_for(bb).taps(bb))
+    if taps:  # Qwen3-VL's DeepStack features [taps, L, D_llm], in the tokens' order
+        cfg.output.add(name="deepstack", data_type=pb.TYPE_FP32, dims=[taps, -1, bb.llm_hidden_size])
     cfg.dynamic_batching.max_queue_delay_microseconds = 2000
     cfg.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     cfg.parameters["part_models"].string_value = json.dumps({p: part_model_name(p) for p in manifest["parts"]

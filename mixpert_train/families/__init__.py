@@ -1,6 +1,7 @@
 """MLLM families: one module each (llava_ov: SigLIP + LLaVA's projector and anyres; internvl: InternViT + pixel
 shuffle + its MLP projector and dynamic tiles; qwen2_vl: Qwen2-VL's ViT over patches of any resolution + its patch
-merger; qwen2_5_vl: Qwen2.5-VL's, the same rows with windowed attention), and the registry the split (model.py), the weight loader
+merger; qwen2_5_vl: Qwen2.5-VL's, the same rows with windowed attention; qwen3_vl: Qwen3-VL's, learned positions
+and DeepStack), and the registry the split (model.py), the weight loader
 (weights.py) and preprocessing look a backbone's family up in.
 
 Never imports mixpert_export, a runtime library (onnx, onnxruntime, TensorRT) or a training stage; a family
@@ -18,9 +19,10 @@ from .internvl import InternVitAdapter
 from .llava_ov import SiglipAdapter
 from .qwen2_5_vl import Qwen25VitAdapter
 from .qwen2_vl import Qwen2VitAdapter
+from .qwen3_vl import Qwen3VitAdapter
 
 ADAPTERS: dict[str, Adapter] = {"siglip": SiglipAdapter(), "internvit": InternVitAdapter(), "qwen2vit": Qwen2VitAdapter(),
-                                "qwen25vit": Qwen25VitAdapter()}
+                                "qwen25vit": Qwen25VitAdapter(), "qwen3vit": Qwen3VitAdapter()}
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # what transformers' from_pretrained reads
 
 

@@ -31,6 +31,13 @@ _VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "hidden_act", "num_
                 "temporal_patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size")
 
 
+class _PatchEmbed(Qwen2_5_VisionPatchEmbed):
+    """transformers' patch embedding (same tensor names); the per-row inputs are not its concern."""
+
+    def forward(self, x, *rows):
+        return super().forward(x)
+
+
 class _Block(Qwen2_5_VLVisionBlock):
     """transformers' Qwen2_5_VLVisionBlock (same tensor names) called as block(hidden, cos, sin, image_mask,
     window_mask): a full-attention block (its index in fullatt_block_indexes) attends within each image, the
@@ -78,7 +85,7 @@ class Qwen25VitAdapter(Qwen2VitAdapter):
 
     def embeddings(self, bb: Backbone) -> nn.Module:
         v = bb.vision
-        return Qwen2_5_VisionPatchEmbed(v["patch_size"], v["temporal_patch_size"], v["in_channels"], v["hidden_size"])
+        return _PatchEmbed(v["patch_size"], v["temporal_patch_size"], v["in_channels"], v["hidden_size"])
 
     def layer(self, bb: Backbone, index: int) -> nn.Module:
         return _Block(self.config(bb), full=index in bb.vision["fullatt_block_indexes"])

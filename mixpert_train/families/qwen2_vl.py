@@ -82,8 +82,9 @@ def backbone_from_qwen_config(ad: "Qwen2VitAdapter", config: dict, name: str, ba
         projector_act="gelu", grid_pinpoints=(), max_grid_crops=1,
         expert_layers=base.expert_layers if base else defaults["expert_layers"],
         domains=base.domains if base else ("chart", "doc", "general"), processor=processor,
-        **({"image_mean": base.image_mean, "image_std": base.image_std} if base else CLIP)
-        | {"pixels": base.pixels if base else PIXELS} | norm,
+        **({"image_mean": base.image_mean, "image_std": base.image_std} if base else
+           dict(zip(("image_mean", "image_std"), ad.default_norm)))
+        | {"pixels": base.pixels if base else ad.default_pixels} | norm,
     )
 
 
@@ -151,7 +152,11 @@ class _Block(Qwen2VLVisionBlock):
 
 
 class _PatchEmbed(PatchEmbed):
-    """transformers' PatchEmbed (same tensor names): flattened patches [P, C x t x p x p] -> [P, embed_dim]."""
+    """transformers' PatchEmbed (same tensor names): flattened patches [P, C x t x p x p] -> [P, embed_dim]; the
+    per-row inputs the trunk passes every family's embeddings are not its concern."""
+
+    def forward(self, x, *rows):
+        return super().forward(x)
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ class Qwen2VitAdapter(Adapter):
     # what differs between the Qwen-VL generations this class and its subclasses read (qwen2_5_vl.py)
     vision_keys: tuple = _VISION_KEYS  # the vision config's fields a Backbone keeps
     out_key: str = "hidden_size"  # the vision config's field that is the merger's output width (the LLM's)
+    default_pixels: tuple = PIXELS  # the processor's pixel bounds and mean / std when a snapshot has none
+    default_norm: tuple = (CLIP["image_mean"], CLIP["image_std"])
 
     def vision_config_class(self):
         return Qwen2VLVisionConfig
@@ -240,7 +247,7 @@ class Qwen2VitAdapter(Adapter):
         if bb.processor is not None:
             return Qwen2VLImageProcessorPil.from_dict(dict(bb.processor))
         v = bb.vision
-        lo, hi = bb.pixels or PIXELS
+        lo, hi = bb.pixels or self.default_pixels
         return Qwen2VLImageProcessorPil(size={"shortest_edge": int(lo), "longest_edge": int(hi)},
                                         patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
                                         merge_size=v["spatial_merge_size"], image_mean=list(bb.image_mean),
@@ -309,7 +316,7 @@ class Qwen2VitAdapter(Adapter):
         return model, (("model.language_model.", "model.language_model."), ("model.", "model.language_model."),
                        ("lm_head.", "lm_head."))
 
-    def generate_inputs(self, input_ids, grid, image_token_id: int) -> dict:
+    def generate_inputs(self, input_ids, grid, image_token_id: int, features=None) -> dict:
         """The prompt's ids, the image's grid and token types (1 at image positions), from which the model's own
         generate() computes the M-RoPE positions (get_rope_index), as it does after its processor."""
         return {"input_ids": input_ids, "image_grid_thw": torch.tensor([list(grid)], device=input_ids.device),

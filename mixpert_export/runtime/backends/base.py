@@ -51,13 +51,19 @@ class Backend(ABC):
         `rows`: per-row inputs (patch families), gathered with the group; `merge`: input rows an output row takes
         (an image's rows are contiguous and a multiple of it). This default gathers, infers and scatters group
         after group; a backend may do all of it on the device."""
-        out = None
+        return self.run_expert_outputs(hidden, groups, n, rows, merge)["tokens"]
+
+    def run_expert_outputs(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> dict:
+        """run_experts for every output of the experts (tokens, and Qwen3-VL's deepstack where the experts run
+        DeepStack taps): {name: [n / merge, ...] on the host, in row order}."""
+        out: dict = {}
         for part, idx in groups:
             feeds = {"hidden": self.take(hidden, idx)} | {k: self.take(v, idx) for k, v in (rows or {}).items()}
-            group = self.to_host(self.infer(part, feeds)["tokens"])
-            if out is None:
-                out = np.empty((n // merge,) + group.shape[1:], dtype=group.dtype)
-            out[idx[::merge] // merge] = group
+            for name, value in self.infer(part, feeds).items():
+                group = self.to_host(value)
+                if name not in out:
+                    out[name] = np.empty((n // merge,) + group.shape[1:], dtype=group.dtype)
+                out[name][idx[::merge] // merge] = group
         return out
 
     def synchronize(self) -> None:

@@ -94,7 +94,8 @@ class TorchBackend(Backend):
             out = getattr(self.static, part.split("_")[0])(*self._args(part, feeds))
             return {self.specs[part].outputs[0].name: out}
         out = self.parts[part](*self._args(part, feeds))
-        return {self.specs[part].outputs[0].name: out}
+        outs = out if isinstance(out, tuple) else (out,)  # parts with DeepStack taps give two
+        return {t.name: o for t, o in zip(self.specs[part].outputs, outs)}
 
     @torch.inference_mode()
     def run_experts(self, hidden, groups: list, n: int, rows: dict | None = None, merge: int = 1) -> np.ndarray:
