@@ -18,16 +18,13 @@ of FLOPs (approximate for budget: per call, weighted by patches).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import device_name, inputs, slug  # noqa: E402
+from latency import device_name, inputs, slug, write_report  # noqa: E402
 
 from mixpert_export.runtime.pipeline import ImageResult, MixpertPipeline  # noqa: E402
 
@@ -108,12 +105,7 @@ def main(argv=None) -> int:
           f"budget ({pipe.call_rows} patches a call: calls {calls}) / one_call: **{r['budget']['median']:.3f}** "
           f"[{r['budget']['min']:.3f}, {r['budget']['max']:.3f}]\n")
     print(md)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"attention_form_{slug(report['device'])}_{a.runtime}_{bb.name}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(md)
-    print(f"written: {out / stem}.{{md,json}}")
+    write_report(a.out, f"attention_form_{slug(report['device'])}_{a.runtime}_{bb.name}", report, md)
     return 0
 
 

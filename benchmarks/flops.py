@@ -36,6 +36,20 @@ LLM = {
     "qwen2-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
                         tie_word_embeddings=False),
+    # issue 29: Qwen2.5-VL-7B's and InternVL3-8B's Qwen2.5-7B (Qwen2-7B's shape), InternVL3.5-8B's and Qwen3-VL-8B's
+    # Qwen3-8B (its config.json: 36 layers, GQA 32/8, head_dim 128, SwiGLU 12288, q/k norm, untied head)
+    "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                          tie_word_embeddings=False),
+    "internvl3-8b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768,
+                         tie_word_embeddings=False),
+    "internvl3.5-8b": dict(arch="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                           max_position_embeddings=40960, tie_word_embeddings=False),
+    "qwen3-vl-8b": dict(arch="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                        max_position_embeddings=40960, tie_word_embeddings=False),
 }
 
 
@@ -99,10 +113,11 @@ def count(backbone: str, crops_list=(1, 10), prompt_tokens: int = 64, sizes=((44
 
 
 def _llm(backbone):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     cfg = dict(LLM[backbone])
-    config, model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[cfg.pop("arch", "qwen2")]
+    config, model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+                     "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[cfg.pop("arch", "qwen2")]
     with torch.device("meta"):
         return model(config(**cfg))
 

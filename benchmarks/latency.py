@@ -72,6 +72,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
+def write_report(out: str | Path, stem: str, report: dict, md: str) -> None:
+    """A benchmark's report as out/stem.json (every figure) and out/stem.md (the table), and where they went."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(md)
+    print(f"written: {out / stem}.{{md,json}}")
+
+
 def inputs(pipe: MixpertPipeline, batch: int, crops: int, sizes=(), seed: int = 0):
     """(rows per image, grids or Nones): random crop bytes (the parts' uint8 input) for crop families; for patch
     families noise images of `sizes` (w, h), cycled, through the family's own preprocessing (their real grids)."""

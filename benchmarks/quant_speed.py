@@ -11,7 +11,6 @@ manifest lists (ONNX and external data; engines apart).
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -105,12 +104,7 @@ def main(argv=None) -> int:
     rep = measure(bundles, a.batch, a.crops, sizes, a.rounds, a.warmup)
     md = markdown(rep)
     print(md)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"quant_speed_{latency.slug(rep['device'])}_onnxruntime_{rep['backbone']}"
-    (out / f"{stem}.json").write_text(json.dumps(rep, indent=2))
-    (out / f"{stem}.md").write_text(md)
-    print(f"written: {out / stem}.{{md,json}}")
+    latency.write_report(a.out, f"quant_speed_{latency.slug(rep['device'])}_onnxruntime_{rep['backbone']}", rep, md)
     return 0
 
 

@@ -1,8 +1,9 @@
-"""The Qwen2-VL family (issue 16) and Qwen2.5-VL (issue 29: the same rows, RMSNorm + SwiGLU blocks attending within
-windows except at fullatt_block_indexes) against transformers' own Qwen2VLForConditionalGeneration /
-Qwen2_5_VLForConditionalGeneration and the Qwen2-VL image processor of a tiny snapshot saved by save_pretrained (the
-independent reference): native dynamic resolution, a variable number of patches an image, all images of a call one
-packed sequence. Every test runs for both generations (the `qwen` fixture's params)."""
+"""The Qwen-VL generations against transformers' own model and the Qwen2-VL image processor of a tiny snapshot saved
+by save_pretrained (the independent reference): Qwen2-VL (issue 16), Qwen2.5-VL (issue 29: the same rows, RMSNorm +
+SwiGLU blocks attending within windows except at fullatt_block_indexes) and Qwen3-VL (issue 29: 16 px patches, a
+learned position table resampled per grid, DeepStack features from intermediate blocks). Native dynamic resolution, a
+variable number of patches an image, all images of a call one packed sequence. Every test runs for each generation
+(the `qwen` fixture's params)."""
 
 import numpy as np
 import pytest
