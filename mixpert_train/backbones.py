@@ -352,9 +352,10 @@ class Adapter:
         """The merger of one tap: [P, D] -> [P / merge, D_llm]."""
         raise NotImplementedError
 
-    def tower_target(self, rest: str, cfg) -> str | None:
-        """Where a tower tensor that is neither the embeddings' nor a layer's goes in MixpertVision (`rest`: its
-        name below the tower prefix), or None: unused (a deleted layer's, a pooling head's)."""
+    def tower_target(self, rest: str, cfg) -> tuple[str, str] | None:
+        """Where a tower tensor that is neither the embeddings' nor a layer's goes (`rest`: its name below the
+        tower prefix): ("trunk" or "expert", its name inside that part; weights.py puts an expert's in the
+        versatile expert), or None: unused (a deleted layer's, a pooling head's)."""
         return None
 
     def context(self, bb: Backbone) -> nn.Module | None:

@@ -111,7 +111,8 @@ def target_key(canonical: str, cfg: MixpertConfig) -> str | None:
         return f"trunk.{rest}"
     m = _LAYER.match(rest)
     if not m:
-        return adapter_for(cfg.backbone).tower_target(rest, cfg)
+        where = adapter_for(cfg.backbone).tower_target(rest, cfg)
+        return None if where is None else {"trunk": "trunk.", "expert": f"experts.{VERSATILE}."}[where[0]] + where[1]
     i, tail = int(m.group(1)), m.group(2)
     if i in cfg.trunk_layers:
         return f"trunk.layers.{i}.{tail}"

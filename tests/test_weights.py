@@ -117,7 +117,8 @@ def test_not_a_llava_onevision_directory(tmp_path):
     with pytest.raises(MixpertError, match="config.json: missing"):
         backbone_from_snapshot(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(MixpertError, match=r"model_type 'llama' is not a supported MLLM \(supported: internvl, internvl_chat, llava_onevision, qwen2_vl\)"):
+    with pytest.raises(MixpertError, match=r"model_type 'llama' is not a supported MLLM \(supported: internvl, internvl_chat, llava_onevision, "
+                                           r"qwen2_5_vl, qwen2_vl, qwen3_vl\)"):
         backbone_from_snapshot(tmp_path)
 
 

@@ -54,7 +54,7 @@ class PipelineCallable:
         # a row's shape: an embedding [D]; tokens per crop [T, D] (patch families: a merged token [D])
         self.token_shape = (bb.llm_hidden_size,) if self.packed else token_dims(pipeline)
         self.n_domains = len(pipeline.cfg.domains)
-        self.taps = deepstack_taps(pipeline)  # Qwen3-VL: a `deepstack` output [taps, L, D_llm] beside the tokens
+        self.taps = deepstack_taps(bb)  # Qwen3-VL: a `deepstack` output [taps, L, D_llm] beside the tokens
         self.outputs = (PACKED_OUTPUTS if self.packed else OUTPUTS) + (("deepstack",) if self.taps else ())
 
     def _error(self, msg: str, n: int = 1) -> dict:
@@ -91,11 +91,11 @@ class PipelineCallable:
         return responses
 
 
-def deepstack_taps(pipeline) -> int:
-    """DeepStack taps of the bundle's model (Qwen3-VL), 0 for the families without."""
+def deepstack_taps(bb) -> int:
+    """DeepStack taps of a backbone's tower in use (Qwen3-VL), 0 for the families without: the `deepstack`
+    output's leading dim in serve's and the Triton repository's `mixpert` model."""
     from mixpert_train.families import adapter_for
 
-    bb = pipeline.cfg.backbone
     return sum(t < bb.layers_in_use for t in adapter_for(bb).taps(bb))
 
 
@@ -116,8 +116,8 @@ def model_tensors(pipeline):
                Tensor(name="scores", dtype=np.float32, shape=(len(pipeline.cfg.domains),)),
                Tensor(name="crops", dtype=np.int32, shape=(1,)),
                Tensor(name="error", dtype=bytes, shape=(1,))]
-    if deepstack_taps(pipeline):  # Qwen3-VL: [taps, L, D_llm], the tokens' order
-        outputs.append(Tensor(name="deepstack", dtype=np.float32, shape=(deepstack_taps(pipeline), -1, bb.llm_hidden_size)))
+    if deepstack_taps(bb):  # Qwen3-VL: [taps, L, D_llm], the tokens' order
+        outputs.append(Tensor(name="deepstack", dtype=np.float32, shape=(deepstack_taps(bb), -1, bb.llm_hidden_size)))
     return inputs, outputs
 
 

@@ -22,7 +22,7 @@ from mixpert_train.families import adapter_for
 from mixpert_train.staging import Output, staged_dir
 
 from mixpert_export.bundle import manifest as mf
-from .serve import INPUT, MODEL
+from .serve import INPUT, MODEL, deepstack_taps
 
 PREFIX = "mixpert"
 REPOSITORY = Output("Triton model repository", f"{MODEL}/1/{mf.NAME}", mf.FORMAT)  # what --out may replace
@@ -109,7 +109,7 @@ def mixpert_config(pb, manifest: dict, instances: int, max_batch_size: int, pack
                               ("expert", pb.TYPE_STRING, [1]), ("scores", pb.TYPE_FP32, [n]),
                               ("crops", pb.TYPE_INT32, [1]), ("error", pb.TYPE_STRING, [1])):
         cfg.output.add(name=name, data_type=dtype, dims=dims)
-    taps = sum(t < bb.layers_in_use for t in adapter_for(bb).taps(bb))
+    taps = deepstack_taps(bb)
     if taps:  # Qwen3-VL's DeepStack features [taps, L, D_llm], in the tokens' order
         cfg.output.add(name="deepstack", data_type=pb.TYPE_FP32, dims=[taps, -1, bb.llm_hidden_size])
     cfg.dynamic_batching.max_queue_delay_microseconds = 2000

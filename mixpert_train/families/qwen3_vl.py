@@ -121,20 +121,17 @@ class Qwen3VitAdapter(Qwen2VitAdapter):
     def tap_projector(self, bb: Backbone) -> nn.Module:
         return Qwen3VLVisionPatchMerger(self.config(bb), use_postshuffle_norm=True)
 
-    def tower_target(self, rest: str, cfg) -> str | None:
+    def tower_target(self, rest: str, cfg) -> tuple[str, str] | None:
         """The position table (the trunk's embeddings) and each DeepStack merger (its part: see the module doc)."""
-        from ..model import VERSATILE
-
         if rest.startswith("pos_embed."):
-            return "trunk.embeddings." + rest
+            return "trunk", "embeddings." + rest
         if rest.startswith("deepstack_merger_list."):
             j, tail = rest[len("deepstack_merger_list."):].split(".", 1)
             tap = self.taps(cfg.backbone)[int(j)]
-            trunk = [t for t in self.taps(cfg.backbone) if t in cfg.trunk_layers]
-            if tap in trunk:
-                return f"trunk.deepstack.{trunk.index(tap)}.{tail}"
-            expert = [t for t in self.taps(cfg.backbone) if t in cfg.expert_layer_range]
-            return f"experts.{VERSATILE}.deepstack.{expert.index(tap)}.{tail}" if tap in expert else None
+            for part, layers in (("trunk", cfg.trunk_layers), ("expert", cfg.expert_layer_range)):
+                mine = [t for t in self.taps(cfg.backbone) if t in layers]
+                if tap in mine:
+                    return part, f"deepstack.{mine.index(tap)}.{tail}"
         return None
 
     def io(self, bb: Backbone) -> dict:
