@@ -143,6 +143,14 @@ _QWEN3_VIT = dict(depth=27, hidden_size=1152, intermediate_size=4304, hidden_act
                   in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096,
                   num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
 _TABLE8_DOMAINS = ("chart", "doc", "general")
+# What the 8B InternVL entries share (their tower, feature selection, pixel shuffle, tiles, normalisation, experts):
+# InternVL2, 3 and 3.5 differ only in the LLM the projector feeds (llm_hidden_size).
+_INTERNVL_8B = dict(family="internvit", vision=_INTERNVIT_300M, select_strategy="default", cls_token=True,
+                    downsample_ratio=0.5, max_grid_crops=12, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD,
+                    domains=_TABLE8_DOMAINS)
+# What the 7B Qwen-VL entries share besides their tower: Qwen2-7B / Qwen2.5-7B's width, the processor's defaults.
+_QWEN_VL_7B = dict(llm_hidden_size=3584, max_grid_crops=1, image_mean=_CLIP_MEAN, image_std=_CLIP_STD,
+                   domains=_TABLE8_DOMAINS, pixels=(56 * 56, 28 * 28 * 1280))
 
 REGISTRY: dict[str, Backbone] = {
     "llava-ov-7b": Backbone(
@@ -164,25 +172,13 @@ REGISTRY: dict[str, Backbone] = {
     # projector), pixel shuffle 0.5 (1024 patch tokens -> 256 of width 4096), LayerNorm-MLP projector into
     # InternLM2.5-7B's 4096; dynamic 448 px tiles (1..12, plus a thumbnail when more than one); ImageNet mean/std;
     # the paper's four experts for this family: chart, doc, general + versatile.
-    "internvl2-8b": Backbone(
-        name="internvl2-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=4096,
-        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
-        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
-    ),
+    "internvl2-8b": Backbone(name="internvl2-8b", llm_hidden_size=4096, **_INTERNVL_8B),
     # InternVL3-8B and InternVL3.5-8B: the same vision side as InternVL2-8B by their configs (InternViT-300M-448px-V2.5:
     # 24 layers, width 1024, q/k/v bias, LayerNorm, no q/k norm, layer scale; select_layer -1, pixel shuffle 0.5 (ps v2),
     # gelu LayerNorm-MLP projector; GotOcr2 448 px tiles, 1..12, ImageNet mean/std); what differs is the LLM the
     # projector feeds: Qwen2.5-7B (3584) for InternVL3, Qwen3-8B (4096) for InternVL3.5. Experts as for InternVL2.
-    "internvl3-8b": Backbone(
-        name="internvl3-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=3584,
-        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
-        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
-    ),
-    "internvl3.5-8b": Backbone(
-        name="internvl3.5-8b", family="internvit", vision=_INTERNVIT_300M, llm_hidden_size=4096,
-        select_strategy="default", cls_token=True, downsample_ratio=0.5, max_grid_crops=12,
-        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, domains=_TABLE8_DOMAINS,
-    ),
+    "internvl3-8b": Backbone(name="internvl3-8b", llm_hidden_size=3584, **_INTERNVL_8B),
+    "internvl3.5-8b": Backbone(name="internvl3.5-8b", llm_hidden_size=4096, **_INTERNVL_8B),
     # The same code path at a few MB: 8x8 patches of 64 px tiles, 64 patch tokens -> 16 after pixel shuffle. It stands
     # for InternVL2, 3 and 3.5 alike (their vision sides differ only in width); tests run its snapshot with each
     # generation's LLM (Qwen2 for InternVL3, Qwen3 for InternVL3.5).
@@ -199,10 +195,7 @@ REGISTRY: dict[str, Backbone] = {
     # Qwen2-VL-7B (paper Table 8): a 32-block ViT of width 1280 (2D rotary positions, quick-GELU), native dynamic
     # resolution (sides multiples of 28, 56x56 to 28x28x1280 pixels: transformers' Qwen2-VL processor defaults),
     # patch merger (2x2 patches -> one token) into Qwen2-7B's 3584; experts chart, doc, general + versatile.
-    "qwen2-vl-7b": Backbone(
-        name="qwen2-vl-7b", family="qwen2vit", vision=_QWEN2_VIT, llm_hidden_size=3584, max_grid_crops=1,
-        image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS, pixels=(56 * 56, 28 * 28 * 1280),
-    ),
+    "qwen2-vl-7b": Backbone(name="qwen2-vl-7b", family="qwen2vit", vision=_QWEN2_VIT, **_QWEN_VL_7B),
     # The same code path at a few MB: 8 px patches, sides multiples of 16, 256 to 16384 pixels (4 to 256 patches).
     "tiny-qwen2-vl": Backbone(
         name="tiny-qwen2-vl", family="qwen2vit",
@@ -214,10 +207,7 @@ REGISTRY: dict[str, Backbone] = {
     # Qwen2.5-VL-7B: Qwen2-VL's rows (14 px patches, 2x2 merge, the same processor and pixel bounds) through 32
     # RMSNorm + SwiGLU blocks attending within 112 px windows, within the image at blocks 7, 15, 23, 31; merger into
     # Qwen2.5-7B's 3584. Domains as for Qwen2-VL. k = 2: the experts own block 30 (windowed) and 31 (full).
-    "qwen2.5-vl-7b": Backbone(
-        name="qwen2.5-vl-7b", family="qwen25vit", vision=_QWEN25_VIT, llm_hidden_size=3584, max_grid_crops=1,
-        image_mean=_CLIP_MEAN, image_std=_CLIP_STD, domains=_TABLE8_DOMAINS, pixels=(56 * 56, 28 * 28 * 1280),
-    ),
+    "qwen2.5-vl-7b": Backbone(name="qwen2.5-vl-7b", family="qwen25vit", vision=_QWEN25_VIT, **_QWEN_VL_7B),
     # The same code path at a few MB: 8 px patches, 32 px windows (2x2 merge units), full attention at blocks 1 and 5,
     # so k = 2 gives each expert a windowed and a full block and the trunk both kinds.
     "tiny-qwen2.5-vl": Backbone(

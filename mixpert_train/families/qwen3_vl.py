@@ -168,6 +168,15 @@ class Qwen3VitAdapter(Qwen2VitAdapter):
                 pooler_output=(as_t(tokens),), deepstack_features=[(as_t(d),) for d in deepstack])}
         return out
 
+    # The training side: every stage goes through one of these two (a new tiny MLLM, or the vision path of a
+    # snapshot's MLLM), and the stages' loss (mllm.answer_scores) feeds the LLM embeddings only, not DeepStack:
+    # refused here rather than trained on a model that is not Qwen3-VL's arithmetic.
     def tiny_mllm(self, bb: Backbone, vocab_size: int, image_token_id: int):
-        raise MixpertError(f"{bb.name}: the training stages do not support Qwen3-VL yet (DeepStack features enter the "
-                           "LLM's first layers, which the stages' loss does not feed); build and run from a snapshot")
+        raise MixpertError(f"{bb.name}: {_NO_TRAINING}")
+
+    def mllm_crop_tokens(self, mllm, crops, grids=None):
+        raise MixpertError(f"{type(mllm).__name__}: {_NO_TRAINING}")
+
+
+_NO_TRAINING = ("the training stages do not support Qwen3-VL yet (DeepStack features enter the LLM's first layers, "
+                "which the stages' loss does not feed); build and run from a snapshot")
